@@ -702,6 +702,24 @@ def load_or_build_cache(path, provenance, build):
     return cache
 
 
+def dataset_latents(config, split, projection, dist, source=None):
+    """The cached latents of one split for a run config; rank 0 builds the cache while the other ranks wait.
+
+    config: dataset, data_dir, image_size, vae, synthetic_size. Returns dict(latents [N, 2, C, h, w] fp16,
+    labels [N], provenance).
+    """
+    source = source or load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
+                                         config.get("synthetic_size", 5000))
+    path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"], len(source))
+    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], len(source))
+    build = lambda: encode_dataset(ImageDataset(source, config["image_size"]), projection, dist.device,  # noqa: E731
+                                   description=f"encoding {config['dataset']} {split} latents")
+    if dist.is_main:
+        load_or_build_cache(path, provenance, build)
+    dist.barrier()
+    return load_or_build_cache(path, provenance, build)
+
+
 def _provenance_difference(cache, provenance):
     old = cache.get("provenance") or {}
     return ", ".join(f"{k}: {old.get(k)!r} != {v!r}" for k, v in provenance.items() if old.get(k) != v)
@@ -792,6 +810,39 @@ def save_atomic(obj, path):
     finally:
         if os.path.exists(temporary):
             os.remove(temporary)
+
+
+class Distributed:
+    """torchrun's environment, or a single process. NCCL on CUDA, gloo on CPU."""
+
+    def __init__(self, device_name):
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self.enabled = self.world_size > 1
+        device = select_device(device_name)
+        if device.type == "cuda" and self.enabled:
+            device = torch.device("cuda", self.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        if self.enabled:
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def any(self, flag):
+        """True on every rank if `flag` is true on any rank (keeps the ranks stepping in lockstep)."""
+        if not self.enabled:
+            return flag
+        tensor = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+        return bool(tensor.item())
 
 
 CHECKPOINT_KIND = "lmd-pretraining"

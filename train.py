@@ -127,39 +127,6 @@ def resumed_config(flags, given, checkpoint):
     return config
 
 
-class Distributed:
-    """torchrun's environment, or a single process. NCCL on CUDA, gloo on CPU."""
-
-    def __init__(self, device_name):
-        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
-        self.rank = int(os.environ.get("RANK", 0))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.enabled = self.world_size > 1
-        device = lmd.select_device(device_name)
-        if device.type == "cuda" and self.enabled:
-            device = torch.device("cuda", self.local_rank)
-            torch.cuda.set_device(device)
-        self.device = device
-        if self.enabled:
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    def barrier(self):
-        if self.enabled:
-            torch.distributed.barrier()
-
-    def any(self, flag):
-        """True on every rank if `flag` is true on any rank (keeps the ranks stepping in lockstep)."""
-        if not self.enabled:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return bool(tensor.item())
-
-
 class StopRequest:
     """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second one aborts."""
 
@@ -193,7 +160,7 @@ class TrainingBatches:
                                 f"(--batch-size {config['batch_size']}); lower --batch-size")
         self.num_items = len(source)
         if config["cache"]:
-            self.cache = training_cache(config, projection, dist, source)
+            self.cache = lmd.dataset_latents(config, "train", projection, dist, source)
             self.loader = None
         else:
             images = lmd.ImageDataset(source, config["image_size"], config["augment"])
@@ -222,19 +189,6 @@ class TrainingBatches:
         if device.type == "cuda":
             batch = batch.pin_memory()
         return batch.to(device, non_blocking=True).float()
-
-
-def training_cache(config, projection, dist, source):
-    """Build the latent cache on rank 0 (the other ranks wait), then load it everywhere."""
-    path = lmd.cache_file(config["data_dir"], config["dataset"], "train", config["vae"], config["image_size"],
-                          len(source))
-    provenance = lmd.cache_provenance(config["dataset"], "train", projection, config["image_size"], len(source))
-    build = lambda: lmd.encode_dataset(lmd.ImageDataset(source, config["image_size"]),  # noqa: E731
-                                       projection, dist.device)
-    if dist.is_main:
-        lmd.load_or_build_cache(path, provenance, build)
-    dist.barrier()
-    return lmd.load_or_build_cache(path, provenance, build)
 
 
 @torch.no_grad()
@@ -272,7 +226,7 @@ def main(argv=None):
         config["out"] = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
     schedule = lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
                                 config["ramp_fraction"], config["mask_ratio"])
-    dist = Distributed(config["device"])
+    dist = lmd.Distributed(config["device"])
     if config["batch_size"] % dist.world_size:
         raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
     torch.manual_seed(config["seed"])
