@@ -22,9 +22,14 @@ import socket
 import sys
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+# diffusers passes this deprecated argument to huggingface_hub on every download; the warning is not the user's.
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 
 class UserError(Exception):

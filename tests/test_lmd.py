@@ -1,0 +1,296 @@
+"""Unit tests of lmd.py: patches, masking, schedulers, loss, the model, the VAE projection, data and checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+import lmd
+
+
+# ----------------------------------------------------------------------------- patches and masking
+
+@pytest.mark.parametrize("channels", [3, 4])
+def test_patchify_round_trip(channels):
+    latents = torch.randn(2, channels, 8, 12)
+    tokens = lmd.patchify(latents, 4)
+    assert tokens.shape == (2, 2 * 3, 4 * 4 * channels)
+    assert torch.equal(lmd.unpatchify(tokens, 4, channels, 2, 3), latents)
+
+
+def test_patchify_token_holds_one_patch():
+    latents = torch.arange(2 * 4 * 4, dtype=torch.float).reshape(1, 2, 4, 4)
+    tokens = lmd.patchify(latents, 2)
+    # token 1 is the top-right 2x2 patch: its values, channel last within each pixel
+    expected = latents[0, :, 0:2, 2:4].permute(1, 2, 0).reshape(-1)
+    assert torch.equal(tokens[0, 1], expected)
+
+
+def test_random_masking_counts_and_restore():
+    tokens = torch.randn(5, 16, 8)
+    visible, mask, restore = lmd.random_masking(tokens, 0.75, torch.Generator().manual_seed(0))
+    assert visible.shape == (5, 4, 8)
+    assert mask.shape == (5, 16) and torch.all(mask.sum(1) == 12)
+    # the visible tokens are exactly the unmasked ones, in their shuffled order
+    for b in range(5):
+        kept = {tuple(t.tolist()) for t in visible[b]}
+        assert kept == {tuple(t.tolist()) for t in tokens[b][mask[b] == 0]}
+    # restore_indices inverts the shuffle: filling masked slots back and gathering gives the original
+    shuffle = torch.argsort(restore, dim=1)
+    shuffled = torch.gather(tokens, 1, shuffle.unsqueeze(-1).expand(-1, -1, 8))
+    assert torch.equal(shuffled[:, :4], visible)
+    assert torch.equal(torch.gather(shuffled, 1, restore.unsqueeze(-1).expand(-1, -1, 8)), tokens)
+
+
+@pytest.mark.parametrize("ratio, visible", [(0.0, 15), (1.0, 1), (1.3, 1), (-0.2, 15), (0.5, 8)])
+def test_masking_clamps_to_one_visible_and_one_masked(ratio, visible):
+    assert lmd.num_visible_tokens(16, ratio) == visible
+    _, mask, _ = lmd.random_masking(torch.randn(2, 16, 4), ratio)
+    assert torch.all(mask.sum(1) == 16 - visible)
+
+
+def test_masks_differ_per_sample_and_follow_the_generator():
+    tokens = torch.randn(4, 64, 2)
+    _, mask_a, _ = lmd.random_masking(tokens, 0.5, torch.Generator().manual_seed(1))
+    _, mask_b, _ = lmd.random_masking(tokens, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(mask_a, mask_b)
+    assert not torch.equal(mask_a[0], mask_a[1])
+
+
+# ----------------------------------------------------------------------------- schedulers
+
+@pytest.mark.parametrize("name", lmd.SCHEDULERS)
+def test_scheduler_endpoints_and_monotonic(name):
+    schedule = lmd.MaskSchedule(name)
+    values = [schedule(i / 300) for i in range(301)]
+    expected_start = 0.75 if name == "constant" else 0.15
+    assert values[0] == pytest.approx(expected_start)
+    assert values[-1] == pytest.approx(0.75)
+    assert schedule(2 / 3) == pytest.approx(0.75)               # the ramp ends at 2/3 of training
+    assert all(b >= a - 1e-12 for a, b in zip(values, values[1:]))
+    assert all(0 < v < 1 for v in values)
+
+
+def test_cosine_worked_values():
+    schedule = lmd.MaskSchedule("cosine")
+    worked = {0: 0.150, 1 / 6: 0.242, 1 / 4: 0.340, 1 / 3: 0.454, 1 / 2: 0.663, 2 / 3: 0.750}
+    for progress, ratio in worked.items():
+        assert schedule(progress) == pytest.approx(ratio, abs=1e-3)
+
+
+def test_piecewise_and_linear_values():
+    piecewise, linear = lmd.MaskSchedule("piecewise"), lmd.MaskSchedule("linear")
+    assert piecewise(1 / 6) == pytest.approx(0.40)
+    assert piecewise(1 / 4) == pytest.approx(0.40)                # the plateau
+    assert piecewise(1 / 3) == pytest.approx(0.40)
+    assert piecewise(1 / 2) == pytest.approx(0.575)
+    assert linear(1 / 3) == pytest.approx(0.45)
+    assert max(piecewise(p / 100) for p in range(101)) <= 0.75    # the authors' version climbed past 1.0
+
+
+def test_scheduler_options_are_configurable():
+    schedule = lmd.MaskSchedule("linear", start=0.2, end=0.9, ramp=0.5)
+    assert schedule(0.25) == pytest.approx(0.55) and schedule(0.5) == pytest.approx(0.9)
+    assert lmd.MaskSchedule("constant", constant_ratio=0.6)(0.3) == 0.6
+
+
+@pytest.mark.parametrize("kwargs", [dict(name="exponential"), dict(start=0.0), dict(end=1.0), dict(start=0.8),
+                                    dict(constant_ratio=1.5), dict(ramp=0.0), dict(name="piecewise", mid=0.9)])
+def test_scheduler_rejects_bad_settings(kwargs):
+    with pytest.raises(lmd.UserError):
+        lmd.MaskSchedule(**kwargs)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def test_loss_is_zero_for_a_perfect_prediction_and_ignores_visible_tokens():
+    targets = torch.randn(2, 8, 16)
+    mask = torch.zeros(2, 8)
+    mask[:, :3] = 1
+    assert lmd.masked_token_loss(targets, targets, mask, normalize_targets=False) == 0
+    wrong_where_visible = targets.clone()
+    wrong_where_visible[:, 3:] += 100
+    assert lmd.masked_token_loss(wrong_where_visible, targets, mask, normalize_targets=False) == 0
+
+
+def test_loss_divides_by_the_number_of_masked_tokens():
+    targets = torch.zeros(1, 4, 2)
+    predictions = torch.zeros(1, 4, 2)
+    predictions[0, 0] = 2.0                                   # squared error 4 on one masked token
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    assert lmd.masked_token_loss(predictions, targets, mask, normalize_targets=False) == pytest.approx(2.0)
+
+
+def test_normalised_targets():
+    targets = torch.randn(2, 4, 16) * 5 + 3
+    normalised = (targets - targets.mean(-1, keepdim=True)) / (targets.var(-1, keepdim=True) + 1e-6).sqrt()
+    mask = torch.ones(2, 4)
+    assert lmd.masked_token_loss(normalised, targets, mask, normalize_targets=True) < 1e-8
+    assert lmd.masked_token_loss(targets, targets, mask, normalize_targets=True) > 1
+
+
+# ----------------------------------------------------------------------------- model
+
+def test_sincos_position_embedding():
+    embedding = lmd.sincos_position_embedding(16, 4)
+    assert embedding.shape == (16, 16)
+    assert len({tuple(row.tolist()) for row in embedding}) == 16   # every position is distinct
+    assert embedding.abs().max() <= 1
+
+
+def test_model_shapes_and_encoder_sees_only_visible_tokens():
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
+    latents = torch.randn(3, 4, 8, 8)
+    lengths = []
+    model.blocks[0].register_forward_hook(lambda module, inputs, output: lengths.append(inputs[0].shape[1]))
+    loss, predictions, mask = model(latents, 0.75)
+    assert predictions.shape == (3, 16, 16) and mask.shape == (3, 16)
+    assert lengths == [1 + 4]                                   # class token + 4 of 16 tokens
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert model.patch_embed.weight.grad is not None and model.mask_token.grad is not None
+
+
+def test_decoder_adds_its_position_embedding():
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4).eval()
+    encoded, _, restore = model.forward_encoder(torch.randn(1, 4, 8, 8), 0.5, torch.Generator().manual_seed(0))
+    seen = []
+    model.decoder_blocks[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    model.forward_decoder(encoded, restore)
+    first_masked = (restore[0] >= encoded.shape[1] - 1).nonzero()[0, 0]   # a masked slot holds mask_token + pos
+    expected = model.mask_token[0, 0] + model.decoder_pos_embed[0, 1 + first_masked]
+    assert torch.allclose(seen[0][0, 1 + first_masked], expected)
+
+
+@pytest.mark.parametrize("size", list(lmd.MODEL_SIZES))
+def test_registry_sizes(size):
+    widths = lmd.MODEL_SIZES[size]
+    assert set(widths) == {"encoder", "decoder"}
+    assert lmd.MODEL_SIZES["base"] == dict(encoder=(768, 12, 12), decoder=(512, 8, 16))
+
+
+def test_classifier_pools_patch_tokens():
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
+    classifier = lmd.LatentClassifier(model, num_classes=10, linear_probe=True)
+    assert classifier(torch.randn(4, 4, 8, 8)).shape == (4, 10)
+
+
+# ----------------------------------------------------------------------------- latent projection
+
+def test_pixel_projection_is_identity_up_to_range():
+    projection = lmd.load_projection("none")
+    images = torch.rand(2, 3, 16, 16)
+    assert projection.channels == 3 and projection.downsample == 1
+    assert torch.allclose(projection.decode(projection.encode(images)), images)
+
+
+def test_tiny_vae_is_announced_as_untrained(capsys):
+    projection = lmd.load_projection("tiny")
+    assert not projection.trained
+    assert "UNTRAINED" in capsys.readouterr().err
+    latents = projection.encode(torch.rand(2, 3, 32, 32))
+    assert latents.shape == (2, 4, 4, 4)
+    assert projection.fingerprint() == lmd.load_projection("tiny", announce=False).fingerprint()
+
+
+def test_autoencoder_kl_saved_locally_loads_by_path(tmp_path):
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.5)
+    vae.save_pretrained(tmp_path / "vae")
+    projection = lmd.load_projection(str(tmp_path / "vae"))
+    images = torch.rand(2, 3, 32, 32)
+    latents = projection.encode(images)
+    assert latents.shape == (2, 4, 4, 4) and projection.downsample == 8
+    raw = vae.encode(images * 2 - 1).latent_dist.mode()
+    assert torch.allclose(latents, raw * 0.5, atol=1e-5)       # the VAE's own scaling factor, not 0.18215
+    assert projection.decode(latents).shape == (2, 3, 32, 32)
+
+
+def test_autoencoder_tiny_saved_locally_loads_by_path(tmp_path):
+    from diffusers import AutoencoderTiny
+    vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8))
+    vae.save_pretrained(tmp_path / "taesd")
+    projection = lmd.load_projection(str(tmp_path / "taesd"))
+    assert type(projection.vae).__name__ == "AutoencoderTiny"
+    assert projection.encode(torch.rand(1, 3, 64, 64)).shape == (1, 4, 8, 8)
+    assert projection.scaling_factor == 1.0 and projection.downsample == 8
+
+
+@pytest.mark.parametrize("bad", ["/nonexistent/vae", "./missing-vae"])
+def test_missing_local_vae_is_a_clear_error(bad):
+    with pytest.raises(lmd.UserError, match="no such directory"):
+        lmd.load_projection(bad)
+
+
+def test_unreachable_hub_fails_fast(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(lmd.UserError, match="--dataset synthetic --vae tiny"):
+        lmd.load_projection("someone/not-cached-vae")
+
+
+# ----------------------------------------------------------------------------- data
+
+def test_geometry_check():
+    assert lmd.check_geometry(64, 8, 2) == 8
+    with pytest.raises(lmd.UserError, match="not divisible"):
+        lmd.check_geometry(60, 8, 2)
+    with pytest.raises(lmd.UserError, match="at least 2x2"):
+        lmd.check_geometry(16, 8, 2)
+
+
+def test_synthetic_images_are_deterministic_and_labelled():
+    data = lmd.SyntheticShapes("train", image_size=32, train_size=20)
+    image, label = data[3]
+    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(image, data[3][0]) and label == 3
+    assert sorted(set(data.targets)) == list(range(10))
+    val = lmd.SyntheticShapes("val", image_size=32, train_size=20)
+    assert len(val) == 4 and not torch.equal(val[0][0], data[0][0])
+
+
+def test_seeded_augmentation_is_reproducible():
+    images = lmd.ImageDataset(lmd.SyntheticShapes("train", 32, 10), 32, augment="full")
+    assert torch.equal(images[(1, 123)][0], images[(1, 123)][0])
+    assert not all(torch.equal(images[(1, 123)][0], images[(1, seed)][0]) for seed in range(5))
+
+
+def test_batch_indices_cover_each_epoch_and_split_across_ranks():
+    first_epoch = torch.cat([lmd.batch_indices(step, 20, 4, seed=0) for step in range(5)])
+    assert sorted(first_epoch.tolist()) == list(range(20))
+    assert not torch.equal(lmd.batch_indices(0, 20, 4, 0), lmd.batch_indices(5, 20, 4, 0))   # reshuffled
+    ranks = torch.cat([lmd.batch_indices(3, 20, 4, 0, rank, 2) for rank in range(2)])
+    assert torch.equal(ranks, lmd.batch_indices(3, 20, 4, 0))
+
+
+def test_learning_rate_warmup_then_cosine():
+    assert lmd.learning_rate(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert lmd.learning_rate(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert lmd.learning_rate(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert lmd.learning_rate(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
+    decay, no_decay = lmd.parameter_groups(model, 0.05)
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert any(p is model.cls_token for p in no_decay["params"])
+    assert math.isclose(decay["weight_decay"], 0.05) and no_decay["weight_decay"] == 0
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def test_save_atomic_and_checkpoint_errors(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, step=3), str(path))
+    assert lmd.load_checkpoint(str(tmp_path))["step"] == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]        # no temporary file left behind
+    with pytest.raises(lmd.UserError, match="does not exist"):
+        lmd.load_checkpoint(str(tmp_path / "missing.pt"))
+    (tmp_path / "half.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(lmd.UserError, match="unreadable"):
+        lmd.load_checkpoint(str(tmp_path / "half.pt"))
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(lmd.UserError, match="not an LMD"):
+        lmd.load_checkpoint(str(tmp_path / "foreign.pt"))
