@@ -12,6 +12,7 @@ training ("from simple to difficult"). Read this file top to bottom:
     6. loss                   mean squared error over masked tokens only
     7. data                   CIFAR, ImageNet-style folders, a procedural synthetic set, the latent cache
     8. training utilities     optimiser, learning rate, checkpoints, devices, errors shared by the scripts
+    9. pictures               reconstruction grids, training curves and the schedules figure
 """
 
 import hashlib
@@ -41,7 +42,9 @@ def run_cli(main):
     try:
         main()
     except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # A UserError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its last line.
+        message = str(error).strip().splitlines()[-1].removeprefix("lmd.UserError: ")
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -158,7 +161,7 @@ def load_projection(vae, device="cpu", dtype=torch.float32, announce=True):
     looks_local = vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or os.path.exists(vae)
     if os.path.isdir(vae):
         try:
-            model = cls.from_pretrained(vae)
+            model = cls.from_pretrained(vae, low_cpu_mem_usage=False)  # needs no `accelerate`
         except Exception as error:
             raise UserError(f"could not load a VAE from directory {vae!r} ({type(error).__name__}: "
                             f"{str(error).splitlines()[0]}); it should hold config.json and the weights "
@@ -168,7 +171,7 @@ def load_projection(vae, device="cpu", dtype=torch.float32, announce=True):
         raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
                         "directory made by save_pretrained, 'tiny' (untrained, offline) or 'none' (pixels)")
     try:  # the local Hub cache first: it needs no network
-        return LatentProjection(cls.from_pretrained(vae, local_files_only=True), vae).to(device, dtype)
+        return LatentProjection(cls.from_pretrained(vae, local_files_only=True, low_cpu_mem_usage=False), vae).to(device, dtype)
     except Exception:
         pass
     if not _hub_reachable():
@@ -176,7 +179,7 @@ def load_projection(vae, device="cpu", dtype=torch.float32, announce=True):
                         "Pass a local directory with --vae DIR (made by save_pretrained), or run fully offline "
                         "with --dataset synthetic --vae tiny")
     try:
-        model = cls.from_pretrained(vae)
+        model = cls.from_pretrained(vae, low_cpu_mem_usage=False)  # needs no `accelerate`
     except Exception as error:
         raise UserError(f"could not load the VAE {vae!r} from the Hub ({type(error).__name__}: "
                         f"{str(error).splitlines()[0]}); check the id or pass a local directory") from None
@@ -388,13 +391,20 @@ class MaskedLatentViT(nn.Module):
 class LatentClassifier(nn.Module):
     """The downstream classifier: a pretrained (or fresh) encoder, average pooling over patch tokens, a head.
 
-    `linear_probe=True` is MAE's recipe: BatchNorm without affine parameters, then a linear layer; the
-    encoder is meant to be frozen. Otherwise a LayerNorm and a linear layer, and everything trains.
+    `linear_probe=True` is MAE's recipe: the encoder is frozen and stays in eval mode, the head is BatchNorm
+    without affine parameters, then a linear layer. Otherwise a LayerNorm and a linear layer, and everything trains.
+    The autoencoder's decoder only serves pretraining: it is removed from `autoencoder` (in place), so that the
+    optimiser, DDP and the saved classifier never see it.
     """
 
     def __init__(self, autoencoder, num_classes, linear_probe=False):
         super().__init__()
-        self.encoder = autoencoder
+        for name in ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
+                     "decoder_head"):
+            if hasattr(autoencoder, name):
+                delattr(autoencoder, name)
+        self.encoder = autoencoder.requires_grad_(not linear_probe)
+        self.linear_probe = linear_probe
         width = autoencoder.norm.normalized_shape[0]
         norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if linear_probe else nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Sequential(norm, nn.Linear(width, num_classes))
@@ -408,6 +418,12 @@ class LatentClassifier(nn.Module):
     def forward(self, latents):
         """latents [B, C, H, W] -> logits [B, num_classes]."""
         return self.head(self.features(latents))
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.linear_probe:
+            self.encoder.eval()   # a frozen encoder gives the same features in training as at test time
+        return self
 
 
 #################################################################################
@@ -615,7 +631,7 @@ class ImageDataset(torch.utils.data.Dataset):
         image, label = self.source[index]
         if isinstance(image, torch.Tensor):       # the synthetic set is already a tensor: convert back for ToTensor
             image = image.permute(1, 2, 0).mul(255).round().byte().numpy()
-        elif image.mode != "RGB":                 # grayscale, palette, RGBA, CMYK: all become RGB
+        elif image.mode != "RGB":                 # CIFAR is RGB already; this is for other sources
             image = image.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
@@ -637,7 +653,10 @@ def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000)
                             f"Offline? Put the extracted {cls.base_folder} folder in --data-dir, or run with no "
                             "download at all: --dataset synthetic --vae tiny") from None
     if dataset == "imagefolder":
-        return load_image_folder(os.path.join(data_dir, split))
+        images = load_image_folder(os.path.join(data_dir, split))
+        if split != "train":
+            check_same_classes(load_image_folder(os.path.join(data_dir, "train")), images)
+        return images
     raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -648,9 +667,28 @@ def load_image_folder(folder):
         raise UserError(f"image folder {folder!r} does not exist; --dataset imagefolder expects "
                         "DATA_DIR/train/CLASS/*.jpg and DATA_DIR/val/CLASS/*.jpg")
     try:
-        return torchvision.datasets.ImageFolder(folder)
+        return torchvision.datasets.ImageFolder(folder, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"image folder {folder!r} holds no images in class sub-folders ({error})") from None
+
+
+def read_image(path):
+    """Open one image file as RGB. An unreadable file stops the run with its name: silently training on fewer
+    images than the user has would be worse."""
+    from PIL import Image
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")   # grayscale, palette, RGBA and CMYK all become RGB
+    except OSError as error:
+        raise UserError(f"cannot read image {path} ({error}); delete or replace the file") from None
+
+
+def check_same_classes(train, val):
+    """Validation classes must be the training classes, in the same order, or labels would silently differ."""
+    if train.classes != val.classes:
+        only_train, only_val = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
+        raise UserError(f"the val split's classes differ from train's (only in train: {only_train[:5]}, only in "
+                        f"val: {only_val[:5]}); give both splits the same class folders")
 
 
 #################################################################################
@@ -884,3 +922,154 @@ def build_model(config, projection):
     """The masked latent ViT described by a run config (dict with model, image_size, patch_size)."""
     grid = check_geometry(config["image_size"], projection.downsample, config["patch_size"])
     return MaskedLatentViT(config["model"], grid, config["patch_size"], projection.channels)
+
+
+def layer_decay_groups(classifier, weight_decay, layer_decay):
+    """Optimiser groups of a LatentClassifier with layer-wise lr decay; each group carries `lr_scale`.
+
+    With n encoder blocks, the patch embedding and class token are layer 0, block k is layer k + 1, the final norm
+    and the head are layer n + 1; layer i trains at lr * layer_decay ** (n + 1 - i), so the head gets the full lr
+    and early layers, which hold the most general features, move least. Frozen parameters are skipped; no weight
+    decay on biases, norms and the class token (as in parameter_groups).
+    """
+    top = len(classifier.encoder.blocks) + 1
+    groups = {}
+    for name, parameter in classifier.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if name.startswith("encoder.blocks."):
+            layer = int(name.split(".")[2]) + 1
+        else:
+            layer = 0 if name.startswith(("encoder.patch_embed", "encoder.cls_token")) else top
+        no_decay = parameter.ndim <= 1 or name.endswith("cls_token")
+        group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
+                                                          lr_scale=layer_decay ** (top - layer)))
+        group["params"].append(parameter)
+    return list(groups.values())
+
+
+#################################################################################
+#                                  9. Pictures                                  #
+#################################################################################
+# What a student looks at: reconstruction grids decoded back to pixels through the frozen VAE, and plots.
+# Rendering only reads the model and draws its masks from its own generator, so a grid written in the middle of
+# training changes neither the weights nor any random stream of the run (resume stays exact).
+
+GRID_MASK_RATIO = 0.75   # grids mask as much as the held-out loss does, whatever the schedule is at
+
+
+def grid_images(config, count=8):
+    """The first `count` validation images of a run config, un-augmented: [count, 3, S, S] in [0, 1]."""
+    source = load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
+                               config.get("synthetic_size", 5000))
+    images = ImageDataset(source, config["image_size"])
+    return torch.stack([images[i][0] for i in range(min(count, len(images)))])
+
+
+def unnormalize_tokens(predictions, targets):
+    """predictions [B, L, D] in per-token normalised units -> the units of targets [B, L, D].
+
+    With normalised targets the model predicts only the pattern inside each token, not its mean or contrast; to
+    draw it, MAE's visualisation borrows those two numbers from the true token. (So the picture flatters the model
+    a little: the brightness of every masked patch is given away.)
+    """
+    mean = targets.mean(dim=-1, keepdim=True)
+    std = (targets.var(dim=-1, keepdim=True) + 1e-6).sqrt()   # the same epsilon as masked_token_loss
+    return predictions * std + mean
+
+
+def token_mask_to_pixels(mask, grid, image_size):
+    """mask [B, L] (1 = masked) on a grid x grid token layout -> pixel mask [B, 1, S, S].
+
+    One token covers S / grid pixels per side: the latent patch times the VAE's downsampling factor.
+    """
+    cell = image_size // grid
+    return mask.reshape(-1, 1, grid, grid).repeat_interleave(cell, dim=2).repeat_interleave(cell, dim=3)
+
+
+@torch.no_grad()
+def reconstruction_rows(model, projection, images, normalize_targets=True, seed=0, mask_ratio=GRID_MASK_RATIO):
+    """images [N, 3, S, S] in [0, 1] -> four rows, each [N, 3, S, S] in [0, 1], on the CPU:
+
+        original | masked input (masked patches grey) | reconstruction | reconstruction, visible patches pasted back
+
+    The mask comes from a fixed generator (the held-out loss's), so the grids of a run compare step to step.
+    The paste happens on the latent tokens before decoding: the bottom row is the latent the model completes, as
+    the VAE draws it (with --vae none the visible pixels are then exactly the original's).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    images = images.to(device)
+    latents = projection.encode(images)
+    generator = step_generator(seed, -1, device=device)
+    _, predictions, mask = model(latents, mask_ratio, normalize_targets, generator=generator)
+    model.train(was_training)
+    targets = model.patchify(latents)
+    predictions = unnormalize_tokens(predictions.float(), targets) if normalize_targets else predictions.float()
+    masked = mask.unsqueeze(-1)                                           # [B, L, 1]
+    pasted = targets * (1 - masked) + predictions * masked
+    pixel_mask = token_mask_to_pixels(mask, model.grid, images.shape[-1])  # grey in pixels: clearer than in latents
+    masked_input = images * (1 - pixel_mask) + 0.5 * pixel_mask
+    rows = [images, masked_input, projection.decode(model.unpatchify(predictions)),
+            projection.decode(model.unpatchify(pasted))]
+    return [row.float().cpu() for row in rows]
+
+
+def save_reconstruction_grid(model, projection, images, path, normalize_targets=True, seed=0,
+                             mask_ratio=GRID_MASK_RATIO):
+    """Write the four rows of `reconstruction_rows` as one PNG: 4 rows of N images, 2 px white padding.
+
+    For N images of S px the PNG is (N*S + 2*(N+1)) wide and (4*S + 10) high.
+    """
+    from torchvision.utils import save_image
+    rows = reconstruction_rows(model, projection, images, normalize_targets, seed, mask_ratio)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"               # never leave half a PNG behind
+    save_image(torch.cat(rows), temporary, nrow=len(images), padding=2, pad_value=1.0, format="png")
+    os.replace(temporary, path)
+    return path
+
+
+def read_metrics(path):
+    """The records of a metrics.jsonl file (one JSON object per logged step), in order."""
+    with open(path) as file:
+        return [json.loads(line) for line in file if line.strip()]
+
+
+def plot_curves(metrics_path, path):
+    """Two panels from OUT/metrics.jsonl: training loss against step, and the mask ratio against step."""
+    from matplotlib.figure import Figure   # no pyplot: no global backend state, safe inside a training script
+    records = read_metrics(metrics_path)
+    steps = [record["step"] for record in records]
+    figure = Figure(figsize=(9, 3.2), layout="constrained")
+    loss_axes, ratio_axes = figure.subplots(1, 2)
+    loss_axes.plot(steps, [record["loss"] for record in records])
+    # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as it
+    # falls, so compare runs by the held-out loss at a fixed 0.75, not by this curve.
+    loss_axes.set(xlabel="step", ylabel="masked-token loss", title="training loss (at the current mask ratio)")
+    ratio_axes.plot(steps, [record["mask_ratio"] for record in records], color="tab:orange")
+    ratio_axes.set(xlabel="step", ylabel="mask ratio", title="mask ratio", ylim=(0, 1))
+    for axes in (loss_axes, ratio_axes):
+        axes.grid(alpha=0.3)
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def plot_schedules(path, start=0.15, end=0.75, mid=0.40, ramp=2 / 3, constant_ratio=0.75):
+    """The four mask-ratio schedules of MaskSchedule over training progress 0..1, on one set of axes."""
+    from matplotlib.figure import Figure
+    progress = [i / 300 for i in range(301)]
+    figure = Figure(figsize=(6.4, 3.6), layout="constrained")
+    axes = figure.subplots()
+    for name, style in zip(SCHEDULERS, (":", "-", "--", "-")):
+        schedule = MaskSchedule(name, start, end, mid, ramp, constant_ratio)
+        axes.plot(progress, [schedule(p) for p in progress], style, label=name, linewidth=2)
+    axes.axvline(ramp, color="grey", linewidth=0.8)
+    axes.text(ramp + 0.01, start, "end of the ramp", color="grey")
+    axes.set(xlabel="training progress  t / T", ylabel="mask ratio", ylim=(0, 1), xlim=(0, 1),
+             title="mask-ratio schedules")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.savefig(path, dpi=110)
+    return path

@@ -11,6 +11,7 @@ Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step) and 
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -28,10 +29,11 @@ DEFAULTS = dict(
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
     normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False,
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
-    resume=None,
+    resume=None, stop_after_step=None, grid_every=500, eval_only=False,
 )
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
-RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision"}
+RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
+                    "stop_after_step", "grid_every", "eval_only"}
 
 
 def build_parser():
@@ -87,6 +89,12 @@ def build_parser():
     add("--save-every", type=int, help="save OUT/checkpoint.pt every N steps (and always at the end)")
     add("--eval-images", type=int, help="held-out images for the final masked-token loss at ratio 0.75")
     add("--resume", metavar="RUN", help="continue the run in this directory (or checkpoint file) exactly")
+    add("--grid-every", type=int, metavar="N", help="write OUT/grid_stepNNNNNN.png (reconstructions of 8 fixed "
+        "validation images) every N steps, and OUT/grid_final.png at the end; 0 disables the periodic grids")
+    add("--eval-only", action="store_true", help="with --resume RUN: write RUN/grid_eval.png and RUN/eval.json "
+        "(held-out masked-token loss at ratio 0.75) and exit; trains nothing, leaves the checkpoint untouched")
+    add("--stop-after-step", type=int, metavar="STEP", help="save and stop after this step, as if interrupted "
+        "(to split a long run into jobs that fit a time limit); continue with --resume")
     return parser
 
 
@@ -117,7 +125,7 @@ def resolve_config(flags, given):
 
 def resumed_config(flags, given, checkpoint):
     """The saved config, with the few flags that may change on resume; any other changed flag is an error."""
-    config = dict(checkpoint["config"])
+    config = dict(checkpoint["config"], stop_after_step=flags["stop_after_step"])  # a stop is for one session only
     for flag in given - {"resume", "out"}:
         if flag in RESUME_OVERRIDES:
             config[flag] = flags[flag]
@@ -128,12 +136,19 @@ def resumed_config(flags, given, checkpoint):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second one aborts."""
+    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second one aborts.
 
-    def __init__(self):
+    A context manager: the previous handlers come back when training ends.
+    """
+
+    def __enter__(self):
         self.requested = False
-        for signal_number in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signal_number, self._handle)
+        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
 
     def _handle(self, signal_number, frame):
         if self.requested:
@@ -209,6 +224,26 @@ def held_out_loss(model, projection, config, device, mask_ratio=0.75, num_images
     return total / max(count, 1)
 
 
+def save_grid(model, projection, config, name):
+    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9)."""
+    return lmd.save_reconstruction_grid(model, projection, lmd.grid_images(config),
+                                        os.path.join(config["out"], f"grid_{name}.png"),
+                                        config["normalize_targets"], config["seed"])
+
+
+def evaluate(model, projection, config, dist, step):
+    """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
+    if not dist.is_main:
+        return
+    loss = held_out_loss(model, projection, config, dist.device, num_images=config["eval_images"])
+    grid = save_grid(model, projection, config, "eval")
+    result = dict(step=step, steps=config["steps"], held_out_loss_at_0_75=loss, eval_images=config["eval_images"],
+                  grid=grid)
+    with open(os.path.join(config["out"], "eval.json"), "w") as file:
+        json.dump(result, file, indent=2)
+    print(f"step {step}/{config['steps']}: held-out masked-token loss at ratio 0.75 = {loss:.4f}; grid: {grid}")
+
+
 def save_checkpoint(path, model, optimizer, step, config):
     lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          step=step, config=config, torch_version=torch.__version__,
@@ -217,50 +252,58 @@ def save_checkpoint(path, model, optimizer, step, config):
                     path)
 
 
-def main(argv=None):
+def load_config(argv):
+    """-> (the run's config, the checkpoint to resume from or None)."""
     flags, given = parse_flags(argv)
     resume = flags["resume"]
-    checkpoint = lmd.load_checkpoint(resume) if resume else None
-    config = resumed_config(flags, given, checkpoint) if checkpoint else resolve_config(flags, given)
-    if checkpoint:
-        config["out"] = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
-    schedule = lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
-                                config["ramp_fraction"], config["mask_ratio"])
-    dist = lmd.Distributed(config["device"])
-    if config["batch_size"] % dist.world_size:
-        raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+    if not resume:
+        return resolve_config(flags, given), None
+    checkpoint = lmd.load_checkpoint(resume)
+    config = resumed_config(flags, given, checkpoint)
+    config["out"] = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+    checkpoint["path"] = resume
+    return config, checkpoint
+
+
+def build_run(config, checkpoint, dist):
+    """The projection, model and optimizer of a run, restored from `checkpoint` when resuming."""
     torch.manual_seed(config["seed"])
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     projection = lmd.load_projection(config["vae"], dist.device, announce=dist.is_main)
     model = lmd.build_model(config, projection).to(dist.device)
     optimizer = torch.optim.AdamW(lmd.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(0.9, 0.95), fused=dist.device.type == "cuda")
-    start_step = 0
     if checkpoint:
-        lmd.load_model_state(model, checkpoint["model"], resume)
+        lmd.load_model_state(model, checkpoint["model"], checkpoint["path"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
-        start_step = checkpoint["step"]
-    batches = TrainingBatches(config, projection, dist, start_step)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-    if config["compile"]:
-        train_model = torch.compile(train_model, dynamic=True)  # the visible-token count changes with the ratio
-    autocast = lmd.autocast_dtype(config["precision"], dist.device)
-    os.makedirs(config["out"], exist_ok=True)
-    checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
-    metrics_path = os.path.join(config["out"], "metrics.jsonl")
-    if dist.is_main:
-        with open(os.path.join(config["out"], "config.json"), "w") as file:
-            json.dump(config, file, indent=2)
-        keep_metrics_before(metrics_path, start_step)
-        print(f"LMD: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x{model.patch_size}x"
-              f"{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-              f"{config['scheduler']} schedule, {dist.world_size} process(es) on {dist.device}", file=sys.stderr)
+        if checkpoint["rng"]["cuda"] is not None and dist.device.type == "cuda":
+            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+    return projection, model, optimizer
 
+
+def start_run_directory(config, model, dist, start_step):
+    """Write config.json, trim metrics.jsonl back to the checkpoint, and announce the run (rank 0 only)."""
+    os.makedirs(config["out"], exist_ok=True)
+    if not dist.is_main:
+        return
+    with open(os.path.join(config["out"], "config.json"), "w") as file:
+        json.dump(config, file, indent=2)
+    keep_metrics_before(os.path.join(config["out"], "metrics.jsonl"), start_step)
+    print(f"LMD: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x{model.patch_size}x"
+          f"{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{config['scheduler']} schedule, {dist.world_size} process(es) on {dist.device}, "
+          f"from step {start_step}", file=sys.stderr)
+
+
+def train_steps(config, model, train_model, optimizer, batches, dist, start_step, stop):
+    """The training loop. Returns the step it ended at (config["steps"] unless stopped early)."""
     from tqdm import tqdm
-    stop = StopRequest()
-    bar = tqdm(range(start_step, config["steps"]), initial=start_step, total=config["steps"], desc="pretraining",
+    schedule = lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
+                                config["ramp_fraction"], config["mask_ratio"])
+    autocast = lmd.autocast_dtype(config["precision"], dist.device)
+    checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
+    last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
+    bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
                disable=not dist.is_main, dynamic_ncols=True)
     last_saved, started = start_step, time.time()
     for step in bar:
@@ -276,34 +319,65 @@ def main(argv=None):
         loss.backward()
         optimizer.step()
         loss_value = loss.item()
-        if not torch.isfinite(torch.tensor(loss_value)):
-            raise lmd.UserError(f"the loss became {loss_value} at step {step}; the last good checkpoint (step "
+        if not math.isfinite(loss_value):  # never save weights that a non-finite loss has touched
+            raise lmd.UserError(f"the loss became {loss_value} at step {step + 1}; the last good checkpoint (step "
                                 f"{last_saved}) is kept in {config['out']}; lower --lr or use --precision fp32")
         done = step + 1
         bar.set_postfix(loss=f"{loss_value:.4f}", mask_ratio=f"{mask_ratio:.3f}", lr=f"{lr:.2e}")
-        if dist.is_main and (done % config["log_every"] == 0 or done == config["steps"]):
-            elapsed = time.time() - started
+        if dist.is_main and (done % config["log_every"] == 0 or done == last_step):
             record = dict(step=done, loss=loss_value, mask_ratio=mask_ratio, lr=lr,
-                          images_per_second=(done - start_step) * config["batch_size"] / elapsed)
-            with open(metrics_path, "a") as file:
+                          images_per_second=(done - start_step) * config["batch_size"] / (time.time() - started))
+            with open(os.path.join(config["out"], "metrics.jsonl"), "a") as file:
                 file.write(json.dumps(record) + "\n")
-        stopping = dist.any(stop.requested)
-        if done % config["save_every"] == 0 or done == config["steps"] or stopping:
+        if dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0:
+            save_grid(model, batches.projection, config, f"step{done:06d}")
+        stopping = dist.any(stop.requested) or done == last_step
+        if done % config["save_every"] == 0 or stopping:
             if dist.is_main:
                 save_checkpoint(checkpoint_path, model, optimizer, done, config)
             last_saved = done
         if stopping:
-            bar.close()
-            print(f"stopped at step {done}; continue with: python train.py --resume {config['out']}", file=sys.stderr)
-            return
+            break
     bar.close()
-    if dist.is_main:
+    return last_saved
+
+
+def main(argv=None):
+    config, checkpoint = load_config(argv)
+    eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
+    if eval_only and not checkpoint:
+        raise lmd.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")
+    dist = lmd.Distributed(config["device"])
+    if config["batch_size"] % dist.world_size:
+        raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+    if dist.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    projection, model, optimizer = build_run(config, checkpoint, dist)
+    start_step = checkpoint["step"] if checkpoint else 0
+    if eval_only:
+        return evaluate(model, projection, config, dist, start_step)
+    batches = TrainingBatches(config, projection, dist, start_step)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
+    if config["compile"]:
+        train_model = torch.compile(train_model, dynamic=True)  # the visible-token count changes with the ratio
+    start_run_directory(config, model, dist, start_step)
+    started = time.time()
+    with StopRequest() as stop:
+        step = train_steps(config, model, train_model, optimizer, batches, dist, start_step, stop)
+    if step < config["steps"]:
+        if dist.is_main:
+            print(f"stopped after step {step}; continue with: python train.py --resume {config['out']}",
+                  file=sys.stderr)
+    elif dist.is_main:
         loss = held_out_loss(model, projection, config, dist.device, num_images=config["eval_images"])
-        summary = dict(step=config["steps"], held_out_loss_at_0_75=loss, minutes=(time.time() - started) / 60)
+        summary = dict(step=step, held_out_loss_at_0_75=loss, minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
-        print(f"done: held-out masked-token loss at ratio 0.75 = {loss:.4f}; checkpoint: {checkpoint_path}",
-              file=sys.stderr)
+        print(f"done: held-out masked-token loss at ratio 0.75 = {loss:.4f}; "
+              f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
+        save_grid(model, projection, config, "final")
+    if dist.is_main:  # the curves of every run, finished or stopped
+        lmd.plot_curves(os.path.join(config["out"], "metrics.jsonl"), os.path.join(config["out"], "curves.png"))
     if dist.enabled:
         torch.distributed.destroy_process_group()
 

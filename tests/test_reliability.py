@@ -1,0 +1,165 @@
+"""Nothing is lost: exact resume, atomic checkpoints, signals, non-finite losses, odd images, torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import lmd
+import train
+from conftest import ROOT, tiny_flags
+
+
+def weights(run_dir):
+    return lmd.load_checkpoint(str(run_dir))["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+def test_stop_and_resume_gives_bit_identical_weights(tmp_path, data_dir):
+    """8 steps in one go == 4 steps, stop, resume to 8: model, optimiser, lr and mask schedule, data, masks."""
+    train.main(tiny_flags(data_dir, str(tmp_path / "straight"), steps=8, save_every=100))
+    train.main(tiny_flags(data_dir, str(tmp_path / "split"), steps=8, save_every=100, stop_after_step=4))
+    assert lmd.load_checkpoint(str(tmp_path / "split"))["step"] == 4
+    train.main(["--resume", str(tmp_path / "split")])
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+    straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
+    split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]  # noqa: E731
+    assert strip(straight) == strip(split)          # the same losses, mask ratios and learning rates at every step
+
+
+def test_resume_refuses_a_changed_setting(tmp_path, data_dir, capsys):
+    train.main(tiny_flags(data_dir, str(tmp_path / "run"), steps=4, stop_after_step=2))
+    with pytest.raises(SystemExit) as exit_info:
+        lmd.run_cli(lambda: train.main(["--resume", str(tmp_path / "run"), "--scheduler", "linear"]))
+    assert exit_info.value.code == 2 and "differs from the resumed run" in capsys.readouterr().err
+
+
+def test_sigint_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = tiny_flags(data_dir, str(out), steps=500, save_every=1000)
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err[-2000:]
+    assert "continue with: python train.py --resume" in err and "Traceback" not in err
+    stopped_at = lmd.load_checkpoint(str(out))["step"]
+    assert 2 <= stopped_at < 500
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped_at
+    # the saved state is exactly that of a run told to stop after that step
+    train.main(tiny_flags(data_dir, str(tmp_path / "reference"), steps=500, save_every=1000,
+                          stop_after_step=stopped_at))
+    assert_same_weights(weights(out), weights(tmp_path / "reference"))
+
+
+def test_sigterm_requests_a_stop():
+    with train.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the previous handler is back
+
+
+KILL_WHILE_SAVING = """
+import sys, torch
+sys.path.insert(0, {root!r})
+import lmd
+big = dict(kind=lmd.CHECKPOINT_KIND, step=2, weights=torch.zeros(40_000_000))
+print("saving", flush=True)
+while True:
+    lmd.save_atomic(big, {path!r})
+"""
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, step=1), path)
+    process = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING.format(root=ROOT, path=path)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "saving"
+    for _ in range(30):                                      # kill it while a temporary file is being written
+        if any(".tmp-" in name for name in os.listdir(tmp_path)):
+            break
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert lmd.load_checkpoint(path)["step"] in (1, 2)        # the old one or a complete new one, never half
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        lmd.run_cli(lambda: train.main(tiny_flags(data_dir, str(out), steps=50, save_every=1, warmup_steps=0,
+                                                  lr=1e30)))
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss became" in message and "at step" in message
+    bad_step = int(message.split("at step ")[1].split(";")[0])
+    checkpoint = lmd.load_checkpoint(str(out))
+    assert checkpoint["step"] == bad_step - 1
+    assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
+
+
+def make_image_folder(root, classes=("cat", "dog"), modes=("RGB", "L", "RGBA", "P", "CMYK"), per_class=10):
+    from PIL import Image
+    for split in ("train", "val"):
+        for label, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                mode = modes[i % len(modes)]
+                image = Image.new("RGB", (40 + i, 30 + label), (40 * i % 255, 100, 200 * label)).convert(mode)
+                image.save(folder / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}")
+
+
+def test_image_folder_with_every_colour_mode(tmp_path):
+    make_image_folder(tmp_path / "data")
+    train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"), dataset="imagefolder", image_size=64,
+                          patch_size=2, steps=2, batch_size=8))
+    assert lmd.load_checkpoint(str(tmp_path / "run"))["step"] == 2
+
+
+def test_unreadable_image_is_named(tmp_path, capsys):
+    make_image_folder(tmp_path / "data", per_class=8)
+    (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(SystemExit):
+        lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"),
+                                                  dataset="imagefolder", steps=1, batch_size=8)))
+    assert "broken.png" in capsys.readouterr().err
+
+
+def test_val_classes_must_match_train_classes(tmp_path):
+    make_image_folder(tmp_path, per_class=2)
+    (tmp_path / "val" / "bird").mkdir()
+    (tmp_path / "val" / "dog" / "0.png").rename(tmp_path / "val" / "bird" / "0.png")
+    with pytest.raises(lmd.UserError, match="only in val: \\['bird'\\]"):
+        lmd.load_image_source("imagefolder", str(tmp_path), "val", 64)
+
+
+def test_torchrun_two_cpu_processes_then_single_process_resume(tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    argv = tiny_flags(data_dir, str(out), steps=4, stop_after_step=2)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True, timeout=120,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("LMD: tiny model") == 1                 # rank 0 alone speaks
+    assert "2 process(es)" in result.stderr
+    assert lmd.load_checkpoint(str(out))["step"] == 2
+    train.main(["--resume", str(out)])
+    assert lmd.load_checkpoint(str(out))["step"] == 4

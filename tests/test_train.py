@@ -1,0 +1,102 @@
+"""train.py end to end: the files it writes, and a one-line error with exit status 2 for each bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmd
+import train
+from conftest import ROOT, tiny_flags
+
+
+def run_script(*argv, timeout=120, **env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
+
+
+def test_train_script_writes_metrics_config_and_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    result = run_script(*tiny_flags(data_dir, str(out), steps=6))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "UNTRAINED" in result.stderr                       # the random VAE is announced as such
+    config = json.loads((out / "config.json").read_text())
+    assert config["scheduler"] == "cosine" and config["patch_size"] == 2 and config["image_size"] == 64
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert {"step", "loss", "mask_ratio", "lr"} <= set(lines[0])
+    assert lines[0]["mask_ratio"] == pytest.approx(0.15)      # the cosine schedule starts at 0.15 ...
+    assert lines[-1]["mask_ratio"] > lines[0]["mask_ratio"]   # ... and grows
+    checkpoint = lmd.load_checkpoint(str(out))
+    assert checkpoint["step"] == 6 and set(checkpoint) >= {"model", "optimizer", "config", "rng"}
+    assert json.loads((out / "summary.json").read_text())["held_out_loss_at_0_75"] > 0
+    cache = os.listdir(os.path.join(data_dir, "lmd_latents"))
+    assert any(name.startswith("synthetic-train64-tiny-64px") for name in cache)
+
+
+def test_cache_is_rebuilt_when_made_with_another_vae(tmp_path, data_dir, capsys):
+    train.main(tiny_flags(data_dir, str(tmp_path / "a"), steps=1))
+    path = lmd.cache_file(data_dir, "synthetic", "train", "tiny", 64, 64)
+    cache = torch.load(path, weights_only=True)
+    cache["provenance"]["vae_fingerprint"] = "another-vae"
+    torch.save(cache, path)
+    capsys.readouterr()
+    train.main(tiny_flags(data_dir, str(tmp_path / "b"), steps=1))
+    assert "made with other settings" in capsys.readouterr().err
+    assert torch.load(path, weights_only=True)["provenance"]["vae_fingerprint"] != "another-vae"
+
+
+def test_pixel_mae_baseline_runs(tmp_path, data_dir):
+    train.main(tiny_flags(data_dir, str(tmp_path / "pixels"), steps=2, vae="none"))
+    config = json.loads((tmp_path / "pixels" / "config.json").read_text())
+    assert config["patch_size"] == 8 and config["cache"] is False
+
+
+def test_no_cache_encodes_on_the_fly_with_full_augmentation(tmp_path, data_dir):
+    train.main(tiny_flags(data_dir, str(tmp_path / "nocache"), steps=2, cache=None) + ["--no-cache"])
+    config = json.loads((tmp_path / "nocache" / "config.json").read_text())
+    assert config["cache"] is False and config["augment"] == "full"
+
+
+BAD_INPUTS = {
+    "unknown scheduler": (["--scheduler", "exponential"], "invalid choice"),
+    "start ratio zero": (["--mask-start", "0"], "strictly between 0 and 1"),
+    "end ratio one": (["--mask-end", "1.0"], "strictly between 0 and 1"),
+    "start above end": (["--mask-start", "0.8", "--mask-end", "0.5"], "above end"),
+    "constant ratio above one": (["--scheduler", "constant", "--mask-ratio", "1.5"], "strictly between"),
+    "indivisible image size": (["--image-size", "60"], "not divisible"),
+    "batch larger than the dataset": (["--batch-size", "100"], "fewer than one batch"),
+    "missing vae directory": (["--vae", "./no/such/vae"], "no such directory"),
+    "full augmentation with cache": (["--augment", "full"], "cannot be cached"),
+    "zero steps": (["--steps", "0"], "at least 1"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_2(name, tmp_path, data_dir, capsys):
+    extra, message = BAD_INPUTS[name]
+    with pytest.raises(SystemExit) as exit_info:
+        lmd.run_cli(lambda: train.main(tiny_flags(data_dir, str(tmp_path / "run")) + extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_missing_or_empty_image_folder(tmp_path, capsys):
+    for setup, message in ((lambda: None, "does not exist"), (lambda: (tmp_path / "train" / "cat").mkdir(parents=True),
+                                                                 "holds no images")):
+        setup()
+        with pytest.raises(SystemExit):
+            lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path), str(tmp_path / "run"), dataset="imagefolder")))
+        assert message in capsys.readouterr().err
+
+
+def test_offline_default_command_fails_fast_with_a_way_out(tmp_path):
+    """With no network the default command must say what it could not download and how to run offline."""
+    result = run_script("--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), timeout=30, HF_HUB_OFFLINE="0")
+    assert result.returncode == 2
+    assert "--dataset synthetic --vae tiny" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
