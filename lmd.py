@@ -41,6 +41,9 @@ def run_cli(main):
     """Run a script's main(), turning a UserError into a one-line message and exit status 2."""
     try:
         main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except UserError as error:
         # A UserError raised in a DataLoader worker arrives wrapped in the worker's traceback: keep its last line.
         message = str(error).strip().splitlines()[-1].removeprefix("lmd.UserError: ")
@@ -1066,7 +1069,7 @@ def plot_schedules(path, start=0.15, end=0.75, mid=0.40, ramp=2 / 3, constant_ra
         schedule = MaskSchedule(name, start, end, mid, ramp, constant_ratio)
         axes.plot(progress, [schedule(p) for p in progress], style, label=name, linewidth=2)
     axes.axvline(ramp, color="grey", linewidth=0.8)
-    axes.text(ramp + 0.01, start, "end of the ramp", color="grey")
+    axes.text(ramp + 0.01, 0.9, "end of the ramp", color="grey")
     axes.set(xlabel="training progress  t / T", ylabel="mask ratio", ylim=(0, 1), xlim=(0, 1),
              title="mask-ratio schedules")
     axes.grid(alpha=0.3)

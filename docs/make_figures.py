@@ -1,0 +1,77 @@
+"""
+The README's two drawn figures, made from the repository's own code:
+
+    python docs/make_figures.py            # writes docs/pipeline.png and docs/schedules.png
+
+schedules.png plots lmd.MaskSchedule itself (lmd.plot_schedules); pipeline.png draws the data flow of one training
+step around a real synthetic image and a real 0.75 mask from lmd.random_masking.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+import lmd  # noqa: E402
+
+DOCS = os.path.dirname(os.path.abspath(__file__))
+
+
+def plot_pipeline(path):
+    """image -> VAE -> latent patches -> masking -> encoder -> decoder -> loss, as boxes and arrows."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    image, _ = lmd.synthetic_image(3, 64)
+    grid = 8   # 64 tokens, as in the 256 px example the boxes describe
+    _, mask, _ = lmd.random_masking(torch.zeros(1, grid * grid, 1), 0.75, torch.Generator().manual_seed(0))
+    pixel_mask = lmd.token_mask_to_pixels(mask, grid, 64)[0]
+    masked = image * (1 - pixel_mask) + 0.5 * pixel_mask
+
+    figure = Figure(figsize=(13, 3.4))
+    axes = figure.add_axes([0, 0, 1, 1], xlim=(0, 13), ylim=(0, 3.4))
+    axes.axis("off")
+    stages = [  # (x centre, title, detail, colour)
+        (0.8, "image", "3 x 256 x 256\nin [0, 1]", None),
+        (2.6, "frozen VAE\nencoder", "x scaling_factor\n(not trained)", "#d9d9d9"),
+        (4.4, "latent patches", "4 x 32 x 32 latent\n-> 64 tokens of\n4 x 4 x 4 values", "#c6dbef"),
+        (6.2, "random masking", "keep 1 - r(t)\nr grows 0.15 -> 0.75\nover training", None),
+        (8.0, "encoder (ViT)", "visible tokens only\n+ class token", "#fdd0a2"),
+        (9.8, "decoder", "mask tokens at the\nhidden positions", "#fdd0a2"),
+        (11.8, "loss", "MSE on masked\ntokens only\n(vs normalised latents)", "#c7e9c0"),
+    ]
+    for x, title, detail, colour in stages:
+        if colour:
+            axes.add_patch(FancyBboxPatch((x - 0.75, 1.2), 1.5, 1.4, boxstyle="round,pad=0.05", facecolor=colour,
+                                          edgecolor="black"))
+            axes.text(x, 2.25, title, ha="center", va="center", fontsize=11, weight="bold")
+        else:
+            axes.text(x, 3.05, title, ha="center", va="center", fontsize=11, weight="bold")
+        axes.text(x, 0.75 if not colour else 1.65, detail, ha="center", va="center", fontsize=8.5)
+    for left, right in zip(stages, stages[1:]):
+        axes.add_artist(FancyArrowPatch((left[0] + 0.8, 1.9), (right[0] - 0.8, 1.9), arrowstyle="-|>",
+                                        mutation_scale=15, color="black"))
+    for x, picture in ((0.8, image), (6.2, masked)):   # real pixels: a synthetic image and a real 0.75 mask
+        inset = figure.add_axes([(x - 0.55) / 13, 1.35 / 3.4, 1.1 / 13, 1.1 / 3.4])
+        inset.imshow(picture.permute(1, 2, 0).numpy())
+        inset.set_xticks([])
+        inset.set_yticks([])
+    axes.text(6.5, 0.15, "one step at ratio r: grey = masked (shown in pixels; the model masks latent tokens). "
+              "Only the encoder and decoder train; the VAE decoder is used only to draw reconstructions.",
+              ha="center", fontsize=8.5, style="italic")
+    figure.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Draw docs/pipeline.png and docs/schedules.png.")
+    parser.add_argument("--out", default=DOCS, help="directory for the figures (default: this docs/ folder)")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    print(plot_pipeline(os.path.join(args.out, "pipeline.png")))
+    print(lmd.plot_schedules(os.path.join(args.out, "schedules.png")))
+
+
+if __name__ == "__main__":
+    lmd.run_cli(main)

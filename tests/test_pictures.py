@@ -1,0 +1,119 @@
+"""Pictures: reconstruction grids during and after training, curves, --eval-only, the schedules figure, the ablation
+table. One 40-step offline run (synthetic data, tiny untrained VAE, tiny model) is shared by the tests below."""
+
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import ablation
+import lmd
+import train
+
+IMAGE_SIZE = 64
+GRID_SIZE = (8 * IMAGE_SIZE + 9 * 2, 4 * IMAGE_SIZE + 5 * 2)   # 8 images a row, 4 rows, 2 px padding
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: on a small shared CPU two threads per process thrash (measured: 10 s vs 76 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("pictures")
+    out = str(root / "run")
+    train.main(["--dataset", "synthetic", "--synthetic-size", "80", "--vae", "tiny", "--model", "tiny",
+                "--steps", "40", "--batch-size", "16", "--grid-every", "20", "--log-every", "5",
+                "--eval-images", "16", "--data-dir", str(root / "data"), "--out", out])
+    return out
+
+
+def png_size(path):
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def sha1(path):
+    with open(path, "rb") as file:
+        return hashlib.sha1(file.read()).hexdigest()
+
+
+def test_a_40_step_run_leaves_grids_and_curves(run):
+    for name in ("grid_step000020.png", "grid_step000040.png", "grid_final.png"):
+        assert png_size(os.path.join(run, name)) == GRID_SIZE, name
+    assert png_size(os.path.join(run, "curves.png"))[0] > 300
+
+
+def test_eval_only_renders_and_reports_without_touching_the_checkpoint(run, capsys):
+    checkpoint = os.path.join(run, "checkpoint.pt")
+    before = sha1(checkpoint), sha1(os.path.join(run, "config.json"))
+    train.main(["--eval-only", "--resume", run])
+    assert (sha1(checkpoint), sha1(os.path.join(run, "config.json"))) == before
+    assert png_size(os.path.join(run, "grid_eval.png")) == GRID_SIZE
+    with open(os.path.join(run, "eval.json")) as file:
+        result = json.load(file)
+    with open(os.path.join(run, "summary.json")) as file:
+        summary = json.load(file)
+    assert result["step"] == 40
+    # the same weights, images and mask seed as the end of training: the same held-out loss
+    assert result["held_out_loss_at_0_75"] == pytest.approx(summary["held_out_loss_at_0_75"], rel=1e-5)
+    assert "held-out masked-token loss" in capsys.readouterr().out
+
+
+def test_eval_only_without_resume_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        lmd.run_cli(lambda: train.main(["--eval-only", "--dataset", "synthetic", "--vae", "none"]))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "--resume" in error and len(error.splitlines()) == 1
+
+
+def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
+    torch.manual_seed(0)
+    projection = lmd.load_projection("none")
+    model = lmd.MaskedLatentViT("tiny", grid_size=32, patch_size=8, channels=3)
+    images = torch.rand(3, 3, 32, 32)
+    original, masked_input, reconstruction, pasted = lmd.reconstruction_rows(model, projection, images)
+    grey = masked_input == 0.5
+    visible = ~grey.all(dim=1, keepdim=True).expand_as(images)
+    assert 0.70 < 1 - visible.float().mean() < 0.80                       # ratio 0.75 of 16 tokens
+    assert torch.equal(original, images)
+    assert torch.equal(masked_input[visible], images[visible])
+    assert torch.allclose(pasted[visible], images[visible], atol=1e-6)  # pixels: pasting is exact
+    assert reconstruction.shape == images.shape and 0 <= reconstruction.min() and reconstruction.max() <= 1
+
+
+def test_unnormalize_tokens_undoes_the_per_token_normalisation():
+    targets = torch.randn(2, 5, 16) * 3 + 1
+    normalised = (targets - targets.mean(-1, keepdim=True)) / (targets.var(-1, keepdim=True) + 1e-6).sqrt()
+    assert torch.allclose(lmd.unnormalize_tokens(normalised, targets), targets, atol=1e-4)
+
+
+def test_token_mask_covers_patch_times_vae_factor_pixels():
+    mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])                        # a 2 x 2 token grid
+    pixels = lmd.token_mask_to_pixels(mask, grid=2, image_size=32)     # 16 px per token
+    assert pixels.shape == (1, 1, 32, 32)
+    assert pixels[0, 0, :16, :16].all() and not pixels[0, 0, :16, 16:].any() and pixels[0, 0, 16:, 16:].all()
+
+
+def test_schedules_figure(tmp_path):
+    path = lmd.plot_schedules(str(tmp_path / "schedules.png"))
+    assert png_size(path)[0] > 300
+
+
+def test_ablation_table_from_results():
+    results = [dict(scheduler="constant", held_out_loss=0.91234, top1=0.4125, minutes=1.5, steps_per_second=12.345),
+               dict(scheduler="cosine", held_out_loss=0.88, top1=None, minutes=2.0, steps_per_second=9.0)]
+    table = ablation.markdown_table(results).splitlines()
+    assert table[0].startswith("| scheduler | held-out loss @0.75 | linear-probe top-1")
+    assert table[2] == "| constant | 0.9123 | 41.2% | 1.5 min | 12.35 |"
+    assert table[3] == "| cosine | 0.8800 | n/a | 2.0 min | 9.00 |"
