@@ -1,0 +1,287 @@
+"""
+Downstream classification with an LMD encoder: a linear probe or full fine-tuning, on the same latents.
+
+    python finetune.py --checkpoint runs/lmd --mode linprobe                    # frozen encoder, BN + linear head
+    python finetune.py --checkpoint runs/lmd --mode finetune                    # everything trains, layer decay
+    python finetune.py --checkpoint runs/lmd --mode linprobe --init scratch     # the baseline: random weights
+
+The VAE, image size, patch size and model size come from the pretraining checkpoint. Writes OUT/results.json
+(top-1 per epoch, best and final, inference throughput) and OUT/classifier.pt (the best epoch's classifier).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import lmd
+
+# ----------------------------------------------------------------------------------------------------------------
+# Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
+DEFAULTS = dict(
+    checkpoint=None, mode="linprobe", init="pretrained", dataset=None, allow_other_dataset=False, data_dir=None,
+    synthetic_size=None, vae=None, model=None, image_size=None, patch_size=None,
+    epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None, layer_decay=0.65,
+    label_smoothing=None, precision="auto", num_workers=None, device="auto", seed=0, out=None,
+)
+# MAE's recipes. Linear probe: 90 epochs, base lr 0.1, no weight decay (MAE uses LARS for its 16k batches; plain
+# SGD with momentum does the same job for one linear layer at ordinary batch sizes). Fine-tuning: 100 epochs of
+# AdamW, base lr 5e-4, weight decay 0.05, label smoothing 0.1 (layer decay 0.65 is in DEFAULTS).
+RECIPES = dict(
+    linprobe=dict(epochs=90, base_lr=0.1, weight_decay=0.0, warmup_epochs=10, label_smoothing=0.0),
+    finetune=dict(epochs=100, base_lr=5e-4, weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1),
+)
+CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
+GEOMETRY = ("vae", "model", "image_size", "patch_size")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="Linear probe or fine-tuning of an LMD encoder on VAE latents.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     argument_default=argparse.SUPPRESS)   # unset flags: DEFAULTS fills them in
+    add = parser.add_argument
+    add("--checkpoint", required=True, metavar="RUN", help="pretraining run directory or its checkpoint.pt")
+    add("--mode", choices=RECIPES, default=DEFAULTS["mode"],
+        help="'linprobe': frozen encoder, BatchNorm (no affine) + linear head; 'finetune': all weights train")
+    add("--init", choices=("pretrained", "scratch"), default=DEFAULTS["init"],
+        help="'scratch': the same classifier from random weights (the baseline that shows what pretraining buys)")
+    add("--dataset", choices=lmd.DATASETS, help="classification data (default: the checkpoint's)")
+    add("--allow-other-dataset", action="store_true",
+        help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
+    add("--data-dir", help="dataset root and latent cache (default: the checkpoint's)")
+    add("--synthetic-size", type=int, help="training images of --dataset synthetic (default: the checkpoint's)")
+    for flag in GEOMETRY:
+        add(f"--{flag.replace('_', '-')}", type=int if flag in ("image_size", "patch_size") else str,
+            help=f"must match the checkpoint's {flag.replace('_', ' ')} if given (default: the checkpoint's)")
+    add("--epochs", type=int, help="training epochs (default: 90 linprobe, 100 finetune)")
+    add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
+    add("--base-lr", type=float, help="lr per 256 images: lr = base_lr * batch_size / 256 "
+                                      "(default: 0.1 linprobe with SGD, 5e-4 finetune with AdamW)")
+    add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
+    add("--weight-decay", type=float, help="weight decay (default: 0 linprobe, 0.05 finetune)")
+    add("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default: 10 linprobe, 5 finetune)")
+    add("--layer-decay", type=float, default=DEFAULTS["layer_decay"],
+        help="finetune: block i of n trains at lr * decay^(n+1-i); 1 turns it off")
+    add("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0 linprobe, 0.1 finetune)")
+    add("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULTS["precision"],
+        help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
+    add("--num-workers", type=int, help="image loading processes for pixel runs (--vae none) "
+                                        "(default: CPU count - 1, at most 8)")
+    add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"],
+        help="'auto': cuda, then mps, then cpu")
+    add("--seed", type=int, default=DEFAULTS["seed"], help="seed for the head (and --init scratch), order, flips")
+    add("--out", help="output directory (default: RUN/<mode>-<init> beside the checkpoint)")
+    return parser
+
+
+def resolve_config(flags, checkpoint_path, pretrained):
+    """The run's config: the flags, the mode's recipe, and the data and geometry of the pretraining config."""
+    missing = [key for key in (*GEOMETRY, "dataset", "data_dir") if key not in pretrained]
+    if missing:
+        raise lmd.UserError(f"{checkpoint_path!r} has no {', '.join(missing)} in its config; was it written by an "
+                            "older train.py? Pretrain again")
+    config = {**DEFAULTS, **flags}
+    for key, value in RECIPES[config["mode"]].items():
+        config[key] = value if config[key] is None else config[key]
+    for key in GEOMETRY:   # the classifier is the pretrained encoder: its input must be what it was trained on
+        if config[key] is not None and config[key] != pretrained[key]:
+            raise lmd.UserError(f"--{key.replace('_', '-')} {config[key]} does not match the checkpoint, which was "
+                                f"pretrained with {pretrained[key]}; drop the flag (it comes from the checkpoint)")
+        config[key] = pretrained[key]
+    same_dataset = config["dataset"] in (None, pretrained["dataset"])
+    if not same_dataset and not config["allow_other_dataset"]:
+        raise lmd.UserError(f"--dataset {config['dataset']} does not match the checkpoint, which was pretrained on "
+                            f"{pretrained['dataset']}; add --allow-other-dataset to transfer on purpose")
+    config["dataset"] = config["dataset"] or pretrained["dataset"]
+    config["data_dir"] = config["data_dir"] or pretrained["data_dir"]
+    config["synthetic_size"] = config["synthetic_size"] or (pretrained.get("synthetic_size", 5000) if same_dataset
+                                                            else 5000)
+    config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
+    if os.path.isdir(checkpoint_path):
+        checkpoint_path = os.path.join(checkpoint_path, "checkpoint.pt")
+    config["checkpoint"] = os.path.abspath(checkpoint_path)
+    run_dir = os.path.dirname(config["checkpoint"])
+    config["out"] = config["out"] or os.path.join(run_dir, f"{config['mode']}-{config['init']}")
+    for flag in ("epochs", "batch_size"):
+        if config[flag] < 1:
+            raise lmd.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
+    if not 0 < config["layer_decay"] <= 1 or not 0 <= config["label_smoothing"] < 1:
+        raise lmd.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
+    return config
+
+
+class Split:
+    """One split as classifier inputs: the cached VAE latents, or (pixel runs, --vae none) images loaded on the fly.
+
+    Both give the same thing for a list of indices and flips: inputs [B, C, h, w] and labels [B] on the device.
+    """
+
+    def __init__(self, config, split, projection, dist):
+        source = lmd.load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
+                                       config["synthetic_size"])
+        self.classes, self.projection, self.device = source.classes, projection, dist.device
+        self.images = lmd.ImageDataset(source, config["image_size"])   # also feeds the throughput measurement
+        self.latents = None
+        if not projection.is_pixels:   # encode once; the cache holds every image and its mirror image
+            cache = lmd.dataset_latents(config, split, projection, dist, source)
+            self.latents, self.labels = cache["latents"], cache["labels"]
+        workers = config["num_workers"]
+        self.workers = workers if workers is not None else min(8, (os.cpu_count() or 2) - 1)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, index_batches, flip_batches):
+        """For each (indices [B], flips [B], 1 = mirrored) -> (inputs [B, C, h, w] float, labels [B])."""
+        if self.latents is not None:
+            for indices, flips in zip(index_batches, flip_batches):
+                yield self.latents[indices, flips].to(self.device).float(), self.labels[indices].to(self.device)
+            return
+        loader = torch.utils.data.DataLoader(self.images, batch_sampler=[i.tolist() for i in index_batches],
+                                             num_workers=self.workers)
+        for (images, labels), flips in zip(loader, flip_batches):
+            images = images.to(self.device)
+            images = torch.where(flips.to(self.device).bool().view(-1, 1, 1, 1), images.flip(-1), images)
+            yield self.projection.encode(images), labels.to(self.device)
+
+
+@torch.no_grad()
+def evaluate(classifier, data, batch_size, dist, autocast):
+    """Top-1 accuracy on un-mirrored images, each process taking every world_size-th one -> fraction in [0, 1]."""
+    classifier.eval()
+    chunks = torch.arange(dist.rank, len(data), dist.world_size).split(batch_size)
+    correct = 0
+    for inputs, labels in data.batches(chunks, [torch.zeros(len(c), dtype=torch.long) for c in chunks]):
+        with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+            correct += (classifier(inputs).argmax(dim=-1) == labels).sum().item()
+    if dist.enabled:   # gloo reduces CPU tensors, NCCL CUDA ones
+        total = torch.tensor([correct], device=dist.device if dist.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(total)
+        correct = total.item()
+    return correct / len(data)
+
+
+@torch.no_grad()
+def throughput(classifier, projection, images, device, autocast, repeats=5):
+    """Inference images/second on one batch of images [B, 3, S, S]: (VAE encoding counted, latents given).
+
+    The first is what a user of the classifier pays per raw image; the second is the classifier alone. Two
+    warm-up runs first (kernel selection, allocator), and the device is synchronised around the timed runs.
+    """
+    classifier.eval()
+    images = images.to(device)
+    latents = projection.encode(images)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def images_per_second(run):
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            run(), run()
+            synchronize()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            synchronize()
+        return repeats * len(images) / (time.perf_counter() - started)
+
+    return (images_per_second(lambda: classifier(projection.encode(images))),
+            images_per_second(lambda: classifier(latents)))
+
+
+def main(argv=None):
+    flags = vars(build_parser().parse_args(argv))
+    checkpoint = lmd.load_checkpoint(flags["checkpoint"])
+    pretrained = checkpoint["config"]
+    config = resolve_config(flags, flags["checkpoint"], pretrained)
+    dist = lmd.Distributed(config["device"])
+    if config["batch_size"] % dist.world_size:
+        raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+    projection = lmd.load_projection(config["vae"], dist.device, announce=dist.is_main)
+    train_data, val_data = (Split(config, split, projection, dist) for split in ("train", "val"))
+    if len(train_data) < config["batch_size"]:
+        raise lmd.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
+                            f"(--batch-size {config['batch_size']}); lower --batch-size")
+    torch.manual_seed(config["seed"])   # here, after the data: building a cache draws from the global RNG
+    autoencoder = lmd.build_model(config, projection)
+    if config["init"] == "pretrained":
+        lmd.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
+    linear_probe = config["mode"] == "linprobe"
+    classifier = lmd.LatentClassifier(autoencoder, len(train_data.classes), linear_probe).to(dist.device)
+    groups = lmd.layer_decay_groups(classifier, config["weight_decay"], 1.0 if linear_probe else config["layer_decay"])
+    optimizer = (torch.optim.SGD(groups, lr=config["lr"], momentum=0.9) if linear_probe else
+                 torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999)))
+    train_model = torch.nn.parallel.DistributedDataParallel(classifier) if dist.enabled else classifier
+    autocast = lmd.autocast_dtype(config["precision"], dist.device)
+    steps_per_epoch = len(train_data) // config["batch_size"]
+    total_steps, warmup_steps = config["epochs"] * steps_per_epoch, round(config["warmup_epochs"] * steps_per_epoch)
+    checkpoint_step = checkpoint.get("step", pretrained.get("steps"))
+    if dist.is_main:
+        os.makedirs(config["out"], exist_ok=True)
+        if checkpoint_step != pretrained.get("steps"):
+            print(f"note: the checkpoint is from step {checkpoint_step} of {pretrained.get('steps')} (unfinished run)",
+                  file=sys.stderr)
+        print(f"{config['mode']} of a {config['init']} {config['model']} encoder on {config['dataset']} "
+              f"({len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes), "
+              f"{config['epochs']} epochs of {steps_per_epoch} steps, lr {config['lr']:.3g}, "
+              f"{dist.world_size} process(es) on {dist.device}", file=sys.stderr)
+
+    from tqdm import tqdm
+    history, best, started = [], -1.0, time.time()
+    bar = tqdm(total=total_steps, desc=config["mode"], disable=not dist.is_main, dynamic_ncols=True)
+    for epoch in range(config["epochs"]):
+        steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
+        indices = [lmd.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
+                                     dist.world_size) for step in steps]
+        flips = [torch.randint(0, 2, (len(i),), generator=lmd.step_generator(config["seed"], step, dist.rank))
+                 for i, step in zip(indices, steps)]
+        train_model.train()
+        loss_sum = 0.0
+        for step, (inputs, labels) in zip(steps, train_data.batches(indices, flips)):
+            lr = lmd.learning_rate(step, total_steps, warmup_steps, config["lr"])
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+                loss = F.cross_entropy(train_model(inputs), labels, label_smoothing=config["label_smoothing"])
+            if not torch.isfinite(loss):
+                raise lmd.UserError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item()
+            bar.update()
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        top1 = evaluate(classifier, val_data, config["batch_size"], dist, autocast)
+        history.append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, top1=top1))
+        if top1 > best and dist.is_main:   # keep the best epoch's classifier
+            lmd.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1, top1=top1,
+                                 classes=train_data.classes, config=config, pretraining_config=pretrained,
+                                 torch_version=torch.__version__), os.path.join(config["out"], "classifier.pt"))
+        best = max(best, top1)
+        bar.write(f"epoch {epoch + 1}/{config['epochs']}: train loss {history[-1]['train_loss']:.4f}, "
+                  f"val top-1 {top1:.4f} (best {best:.4f})", file=sys.stderr)
+    bar.close()
+    if dist.is_main:
+        batch = torch.stack([val_data.images[i][0] for i in range(min(config["batch_size"], len(val_data)))])
+        with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast)
+        results = dict(
+            top1=dict(best=best, final=history[-1]["top1"],
+                      best_epoch=1 + max(range(len(history)), key=lambda i: history[i]["top1"])),
+            mode=config["mode"], init=config["init"], epochs=config["epochs"], checkpoint=config["checkpoint"],
+            dataset=config["dataset"], vae=config["vae"], model=config["model"], num_classes=len(train_data.classes),
+            images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
+            throughput_batch_size=len(batch), device=str(dist.device), world_size=dist.world_size,
+            minutes=(time.time() - started) / 60, history=history, config=config)
+        with open(os.path.join(config["out"], "results.json"), "w") as file:
+            json.dump(results, file, indent=2)
+        print(f"done: top-1 best {best:.4f}, final {history[-1]['top1']:.4f}; inference {with_vae:.0f} images/s "
+              f"with the VAE encoding, {latents_only:.0f} images/s from latents; {config['out']}/results.json",
+              file=sys.stderr)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    lmd.run_cli(main)
