@@ -228,7 +228,8 @@ def random_masking(tokens, mask_ratio, generator=None):
     """
     batch, length, dim = tokens.shape
     keep = num_visible_tokens(length, mask_ratio)
-    noise = torch.rand(batch, length, device=tokens.device, generator=generator)
+    # (generator=None is spelled out as a plain call: torch.compile rejects an explicit None generator)
+    noise = torch.rand(batch, length, device=tokens.device, **({"generator": generator} if generator is not None else {}))
     shuffle_indices = torch.argsort(noise, dim=1)          # ascending: the first `keep` are kept
     restore_indices = torch.argsort(shuffle_indices, dim=1)
     keep_indices = shuffle_indices[:, :keep]

@@ -271,7 +271,7 @@ def build_run(config, checkpoint, dist):
     projection = lmd.load_projection(config["vae"], dist.device, announce=dist.is_main)
     model = lmd.build_model(config, projection).to(dist.device)
     optimizer = torch.optim.AdamW(lmd.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
-                                  betas=(0.9, 0.95), fused=dist.device.type == "cuda")
+                                  betas=(0.9, 0.95), fused=dist.device.type in ("cuda", "cpu"))
     if checkpoint:
         lmd.load_model_state(model, checkpoint["model"], checkpoint["path"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -331,12 +331,12 @@ def train_steps(config, model, train_model, optimizer, batches, dist, start_step
                 file.write(json.dumps(record) + "\n")
         if dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0:
             save_grid(model, batches.projection, config, f"step{done:06d}")
-        stopping = dist.any(stop.requested) or done == last_step
-        if done % config["save_every"] == 0 or stopping:
+        interrupted = dist.any(stop.requested)
+        if done % config["save_every"] == 0 or done == last_step or interrupted:
             if dist.is_main:
                 save_checkpoint(checkpoint_path, model, optimizer, done, config)
             last_saved = done
-        if stopping:
+        if interrupted:
             break
     bar.close()
     return last_saved
