@@ -922,6 +922,19 @@ def load_model_state(model, state_dict, path):
                         "check --model, --patch-size, --image-size and --vae") from None
 
 
+def compile_transformer_blocks(model):
+    """torch.compile every transformer block in place (where nearly all the FLOPs are), not the whole model.
+
+    The masking step turns the mask ratio, a Python float that changes at every step of a progressive schedule,
+    into a token count; a compiled whole model would recompile at each new ratio (and give up after eight). The
+    blocks only see tensors whose length varies, which dynamic shapes handle without recompiling.
+    """
+    for module in model.modules():
+        if isinstance(module, Block):
+            module.compile(dynamic=True)
+    return model
+
+
 def build_model(config, projection):
     """The masked latent ViT described by a run config (dict with model, image_size, patch_size)."""
     grid = check_geometry(config["image_size"], projection.downsample, config["patch_size"])

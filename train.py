@@ -79,7 +79,8 @@ def build_parser():
         help="'flip': resize + horizontal flip; 'full': random resized crop + flip (needs --no-cache); "
              "'auto': flip when caching, full otherwise")
     add("--precision", choices=("auto", "fp32", "bf16"), help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
-    add("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (opt-in)")
+    add("--compile", action=argparse.BooleanOptionalAction,
+        help="torch.compile the transformer blocks (opt-in; the first steps are slow while it compiles)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
     add("--seed", type=int, help="seed for initialisation, data order, masks and augmentation")
     add("--num-workers", type=int, help="image loading processes when not training on cached latents "
@@ -357,9 +358,9 @@ def main(argv=None):
     if eval_only:
         return evaluate(model, projection, config, dist, start_step)
     batches = TrainingBatches(config, projection, dist, start_step)
-    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     if config["compile"]:
-        train_model = torch.compile(train_model, dynamic=True)  # the visible-token count changes with the ratio
+        lmd.compile_transformer_blocks(model)
+    train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     start_run_directory(config, model, dist, start_step)
     started = time.time()
     with StopRequest() as stop:
