@@ -10,7 +10,6 @@ Everything after `--` goes to train.py unchanged, the same for the four runs (--
 Each run lives in OUT/<scheduler>/ with its grids and curves; its linear probe in OUT/<scheduler>/linprobe/.
 """
 
-import argparse
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Train the four mask-ratio schedulers side by side and tabulate them.",
+    parser = lmd.ArgumentParser(description="Train the four mask-ratio schedulers side by side and tabulate them.",
                                      allow_abbrev=False)  # so that train.py's flags pass through untouched
     parser.add_argument("--out", default="runs/ablation", help="directory for the four runs and the table "
                                                                "(default: %(default)s)")

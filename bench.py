@@ -22,7 +22,6 @@ a machine that gets busier mid-run slows all of them alike; each row reports its
 initialised with the real architectures: their speed is the trained ones'. The last stdout line is one JSON object.
 """
 
-import argparse
 import gc
 import json
 import os
@@ -69,7 +68,7 @@ PLANS[("smoke", "gpu")] = PLANS[("smoke", "cpu")]
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="LMD speed benchmark: LMD vs pixel MAE, cached vs on-the-fly "
+    parser = lmd.ArgumentParser(description="LMD speed benchmark: LMD vs pixel MAE, cached vs on-the-fly "
                                                  "VAE, MFU, peak memory, classifier inference.")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--quick", dest="mode", action="store_const", const="quick",

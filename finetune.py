@@ -40,7 +40,7 @@ GEOMETRY = ("vae", "model", "image_size", "patch_size")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description="Linear probe or fine-tuning of an LMD encoder on VAE latents.",
+    parser = lmd.ArgumentParser(description="Linear probe or fine-tuning of an LMD encoder on VAE latents.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS)   # unset flags: DEFAULTS fills them in
     add = parser.add_argument
@@ -216,7 +216,11 @@ def main(argv=None):
     train_model = torch.nn.parallel.DistributedDataParallel(classifier) if dist.enabled else classifier
     autocast = lmd.autocast_dtype(config["precision"], dist.device)
     steps_per_epoch = len(train_data) // config["batch_size"]
-    total_steps, warmup_steps = config["epochs"] * steps_per_epoch, round(config["warmup_epochs"] * steps_per_epoch)
+    if config["warmup_epochs"] >= config["epochs"] and dist.is_main:   # the lr would never reach its peak
+        print(f"note: --warmup-epochs {config['warmup_epochs']} is not below --epochs {config['epochs']}; warming up "
+              f"over the first tenth of training instead", file=sys.stderr)
+    warmup_epochs = config["warmup_epochs"] if config["warmup_epochs"] < config["epochs"] else config["epochs"] / 10
+    total_steps, warmup_steps = config["epochs"] * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
     checkpoint_step = checkpoint.get("step", pretrained.get("steps"))
     if dist.is_main:
         os.makedirs(config["out"], exist_ok=True)

@@ -15,6 +15,7 @@ training ("from simple to difficult"). Read this file top to bottom:
     9. pictures               reconstruction grids, training curves and the schedules figure
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -35,6 +36,14 @@ warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file, no network). Scripts print it as one line and exit 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (what was wrong, and where to look) instead of the usage block."""
+
+    def error(self, message):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_cli(main):
@@ -109,7 +118,10 @@ class LatentProjection(nn.Module):
         """A short hash of the VAE's config and weights, so a latent cache can tell one VAE from another."""
         if self.vae is None:
             return "pixels"
-        digest = hashlib.sha1(json.dumps(dict(self.vae.config), sort_keys=True, default=str).encode())
+        # Private keys such as diffusers' `_use_default_values` (built from a set, so its order changes from one
+        # process to the next) say nothing about the VAE and would make the hash unstable.
+        config = {key: value for key, value in self.vae.config.items() if not key.startswith("_")}
+        digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
         for parameter in list(self.vae.parameters())[:2] + list(self.vae.parameters())[-2:]:
             digest.update(parameter.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]

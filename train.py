@@ -38,7 +38,7 @@ RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile
 
 def build_parser():
     # Unset flags stay absent (SUPPRESS) so that resume can tell what was typed from what was defaulted.
-    parser = argparse.ArgumentParser(description="LMD pretraining (masked autoencoder on VAE latents).",
+    parser = lmd.ArgumentParser(description="LMD pretraining (masked autoencoder on VAE latents).",
                                      argument_default=argparse.SUPPRESS)
 
     def add(flag, **kwargs):
@@ -299,8 +299,7 @@ def start_run_directory(config, model, dist, start_step):
 def train_steps(config, model, train_model, optimizer, batches, dist, start_step, stop):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early)."""
     from tqdm import tqdm
-    schedule = lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
-                                config["ramp_fraction"], config["mask_ratio"])
+    schedule = mask_schedule(config)
     autocast = lmd.autocast_dtype(config["precision"], dist.device)
     checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
@@ -343,8 +342,15 @@ def train_steps(config, model, train_model, optimizer, batches, dist, start_step
     return last_saved
 
 
+def mask_schedule(config):
+    """The run's mask-ratio schedule (built first thing, so that bad ratios fail before any data is encoded)."""
+    return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
+                            config["ramp_fraction"], config["mask_ratio"])
+
+
 def main(argv=None):
     config, checkpoint = load_config(argv)
+    mask_schedule(config)
     eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
     if eval_only and not checkpoint:
         raise lmd.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")

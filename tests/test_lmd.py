@@ -193,6 +193,18 @@ def test_tiny_vae_is_announced_as_untrained(capsys):
     assert projection.fingerprint() == lmd.load_projection("tiny", announce=False).fingerprint()
 
 
+def test_vae_fingerprint_ignores_private_config_keys():
+    """diffusers builds `_use_default_values` from a set: its order changes between processes, the VAE does not."""
+    from diffusers.configuration_utils import FrozenDict
+    projection = lmd.load_projection("tiny", announce=False)
+    before = projection.fingerprint()
+    config = dict(projection.vae.config)
+    projection.vae._internal_dict = FrozenDict({**config, "_use_default_values": ["b", "a"], "_name_or_path": "x"})
+    assert projection.fingerprint() == before
+    projection.vae._internal_dict = FrozenDict({**config, "scaling_factor": 0.5})
+    assert projection.fingerprint() != before
+
+
 def test_autoencoder_kl_saved_locally_loads_by_path(tmp_path):
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1,

@@ -85,6 +85,15 @@ def test_bad_input_is_one_line_and_exit_2(name, tmp_path, data_dir, capsys):
     assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
+def test_flag_errors_are_one_line_and_come_before_any_encoding(tmp_path, capsys):
+    for extra in (["--scheduler", "exponential"], ["--mask-start", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run")) + extra))
+        assert exit_info.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()                  # nothing was downloaded, encoded or cached
+
+
 def test_missing_or_empty_image_folder(tmp_path, capsys):
     for setup, message in ((lambda: None, "does not exist"), (lambda: (tmp_path / "train" / "cat").mkdir(parents=True),
                                                                  "holds no images")):
