@@ -186,7 +186,8 @@ def load_projection(vae, device="cpu", dtype=torch.float32, announce=True):
         raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
                         "directory made by save_pretrained, 'tiny' (untrained, offline) or 'none' (pixels)")
     try:  # the local Hub cache first: it needs no network
-        return LatentProjection(cls.from_pretrained(vae, local_files_only=True, low_cpu_mem_usage=False), vae).to(device, dtype)
+        model = cls.from_pretrained(vae, local_files_only=True, low_cpu_mem_usage=False)
+        return LatentProjection(model, vae).to(device, dtype)
     except Exception:
         pass
     if not _hub_reachable():
@@ -240,8 +241,9 @@ def random_masking(tokens, mask_ratio, generator=None):
     """
     batch, length, dim = tokens.shape
     keep = num_visible_tokens(length, mask_ratio)
-    # (generator=None is spelled out as a plain call: torch.compile rejects an explicit None generator)
-    noise = torch.rand(batch, length, device=tokens.device, **({"generator": generator} if generator is not None else {}))
+    # No generator is passed as no argument at all: torch.compile rejects an explicit generator=None.
+    random = {"generator": generator} if generator is not None else {}
+    noise = torch.rand(batch, length, device=tokens.device, **random)
     shuffle_indices = torch.argsort(noise, dim=1)          # ascending: the first `keep` are kept
     restore_indices = torch.argsort(shuffle_indices, dim=1)
     keep_indices = shuffle_indices[:, :keep]
@@ -475,7 +477,8 @@ class MaskSchedule:
         if self.start > self.end:
             raise UserError(f"mask ratio start ({self.start}) is above end ({self.end}); the ratio must grow")
         if self.name == "piecewise" and not self.start <= self.mid <= self.end:
-            raise UserError(f"piecewise plateau ({self.mid}) must lie between start ({self.start}) and end ({self.end})")
+            raise UserError(f"piecewise plateau ({self.mid}) must lie between start ({self.start}) "
+                            f"and end ({self.end})")
         if not 0 < self.ramp <= 1:
             raise UserError(f"ramp fraction {self.ramp} must lie in (0, 1]")
 
@@ -702,7 +705,8 @@ def read_image(path):
 def check_same_classes(train, val):
     """Validation classes must be the training classes, in the same order, or labels would silently differ."""
     if train.classes != val.classes:
-        only_train, only_val = sorted(set(train.classes) - set(val.classes)), sorted(set(val.classes) - set(train.classes))
+        only_train = sorted(set(train.classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train.classes))
         raise UserError(f"the val split's classes differ from train's (only in train: {only_train[:5]}, only in "
                         f"val: {only_val[:5]}); give both splits the same class folders")
 

@@ -200,7 +200,8 @@ class TrainingBatches:
             images, _ = next(self.loader)
             return self.projection.encode(images.to(device, non_blocking=True))
         indices = self._indices(step)
-        flips = torch.randint(0, 2, (len(indices),), generator=lmd.step_generator(self.config["seed"], step, self.dist.rank))
+        generator = lmd.step_generator(self.config["seed"], step, self.dist.rank)
+        flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
         batch = self.cache["latents"][indices, flips]
         if device.type == "cuda":
             batch = batch.pin_memory()
