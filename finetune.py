@@ -129,8 +129,7 @@ class Split:
         if not projection.is_pixels:   # encode once; the cache holds every image and its mirror image
             cache = lmd.dataset_latents(config, split, projection, dist, source)
             self.latents, self.labels = cache["latents"], cache["labels"]
-        workers = config["num_workers"]
-        self.workers = workers if workers is not None else min(8, (os.cpu_count() or 2) - 1)
+        self.workers = lmd.loader_workers(config["num_workers"])
 
     def __len__(self):
         return len(self.images)

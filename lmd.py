@@ -855,6 +855,11 @@ def step_generator(seed, step, rank=0, device="cpu"):
     return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
 
 
+def loader_workers(requested=None):
+    """Image-loading processes: the requested number, or one per core but one (for the training loop), at most 8."""
+    return requested if requested is not None else min(8, max((os.cpu_count() or 2) - 1, 0))
+
+
 def augmentation_seed(seed, step, index):
     """The seed of one image's random crop and flip at one step."""
     return ((seed * 1_000_003 + step) * 1_000_033 + index) % (2 ** 31)

@@ -168,7 +168,6 @@ class TrainingBatches:
 
     def __init__(self, config, projection, dist, start_step):
         self.config, self.projection, self.dist = config, projection, dist
-        self.per_rank = config["batch_size"] // dist.world_size
         source = lmd.load_image_source(config["dataset"], config["data_dir"], "train", config["image_size"],
                                        config["synthetic_size"])
         if len(source) < config["batch_size"]:
@@ -180,7 +179,7 @@ class TrainingBatches:
             self.loader = None
         else:
             images = lmd.ImageDataset(source, config["image_size"], config["augment"])
-            workers = config["num_workers"] if config["num_workers"] is not None else min(8, (os.cpu_count() or 2) - 1)
+            workers = lmd.loader_workers(config["num_workers"])
             self.loader = iter(torch.utils.data.DataLoader(
                 images, batch_sampler=self._seeded_batches(start_step), num_workers=workers,
                 pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0))
