@@ -23,19 +23,19 @@ def plot_pipeline(path):
     """image -> VAE -> latent patches -> masking -> encoder -> decoder -> loss, as boxes and arrows."""
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-    image, _ = lmd.synthetic_image(3, 64)
-    grid = 8   # 64 tokens, as in the 256 px example the boxes describe
+    image, _ = lmd.synthetic_image(3, 224)
+    grid = 7   # 49 tokens: the paper's 224 px image, 4 x 28 x 28 latent, latent patch 4
     _, mask, _ = lmd.random_masking(torch.zeros(1, grid * grid, 1), 0.75, torch.Generator().manual_seed(0))
-    pixel_mask = lmd.token_mask_to_pixels(mask, grid, 64)[0]
+    pixel_mask = lmd.token_mask_to_pixels(mask, grid, 224)[0]
     masked = image * (1 - pixel_mask) + 0.5 * pixel_mask
 
     figure = Figure(figsize=(13, 3.4))
     axes = figure.add_axes([0, 0, 1, 1], xlim=(0, 13), ylim=(0, 3.4))
     axes.axis("off")
     stages = [  # (x centre, title, detail, colour)
-        (0.8, "image", "3 x 256 x 256\nin [0, 1]", None),
+        (0.8, "image", "3 x 224 x 224\nin [0, 1]", None),
         (2.6, "frozen VAE\nencoder", "x scaling_factor\n(not trained)", "#d9d9d9"),
-        (4.4, "latent patches", "4 x 32 x 32 latent\n-> 64 tokens of\n4 x 4 x 4 values", "#c6dbef"),
+        (4.4, "latent patches", "4 x 28 x 28 latent\n-> 49 tokens of\n4 x 4 x 4 values", "#c6dbef"),
         (6.2, "random masking", "keep 1 - r(t)\nr grows 0.15 -> 0.75\nover training", None),
         (8.0, "encoder (ViT)", "visible tokens only\n+ class token", "#fdd0a2"),
         (9.8, "decoder", "mask tokens at the\nhidden positions", "#fdd0a2"),
