@@ -149,3 +149,16 @@ def test_mismatched_dataset_vae_and_size_are_refused(run, capsys):
     assert "pretrained with none" in refused(capsys, base + ["--vae", "tiny"])
     assert "pretrained with tiny" in refused(capsys, base + ["--model", "small"])
     assert "pretrained with 32" in refused(capsys, base + ["--image-size", "64"])
+
+
+def test_torchrun_two_cpu_processes_linear_probe(run):
+    """finetune.py under torchrun (gloo): each process takes its share of every batch and of the evaluation."""
+    out = run.parent / "linprobe-ddp"
+    completed = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "finetune.py"), "--checkpoint", str(run), "--out", str(out), *LINPROBE[:2],
+         "--epochs", "1", "--batch-size", "64", "--num-workers", "0", "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2 and 0 <= results["top1"]["best"] <= 1
