@@ -674,7 +674,7 @@ def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000)
     if dataset == "imagefolder":
         images = load_image_folder(os.path.join(data_dir, split))
         if split != "train":
-            check_same_classes(load_image_folder(os.path.join(data_dir, "train")), images)
+            check_same_classes(os.path.join(data_dir, "train"), images)
         return images
     raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
 
@@ -682,13 +682,17 @@ def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000)
 def load_image_folder(folder):
     """An ImageNet-style folder (one sub-folder per class) with a clear error when it is missing or empty."""
     import torchvision
-    if not os.path.isdir(folder):
-        raise UserError(f"image folder {folder!r} does not exist; --dataset imagefolder expects "
-                        "DATA_DIR/train/CLASS/*.jpg and DATA_DIR/val/CLASS/*.jpg")
+    require_folder(folder)
     try:
         return torchvision.datasets.ImageFolder(folder, loader=read_image)
     except (FileNotFoundError, RuntimeError) as error:
         raise UserError(f"image folder {folder!r} holds no images in class sub-folders ({error})") from None
+
+
+def require_folder(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"image folder {folder!r} does not exist; --dataset imagefolder expects "
+                        "DATA_DIR/train/CLASS/*.jpg and DATA_DIR/val/CLASS/*.jpg")
 
 
 def read_image(path):
@@ -702,11 +706,17 @@ def read_image(path):
         raise UserError(f"cannot read image {path} ({error}); delete or replace the file") from None
 
 
-def check_same_classes(train, val):
-    """Validation classes must be the training classes, in the same order, or labels would silently differ."""
-    if train.classes != val.classes:
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
+def check_same_classes(train_folder, val):
+    """Validation classes must be the training classes, in the same order, or labels would silently differ.
+
+    Only the class folder names of train are listed: scanning its images (a million for ImageNet) is not needed.
+    """
+    from torchvision.datasets.folder import find_classes
+    require_folder(train_folder)
+    train_classes = find_classes(train_folder)[0]
+    if train_classes != val.classes:
+        only_train = sorted(set(train_classes) - set(val.classes))
+        only_val = sorted(set(val.classes) - set(train_classes))
         raise UserError(f"the val split's classes differ from train's (only in train: {only_train[:5]}, only in "
                         f"val: {only_val[:5]}); give both splits the same class folders")
 
@@ -813,14 +823,17 @@ def autocast_dtype(precision, device):
     return torch.bfloat16
 
 
-def parameter_groups(model, weight_decay, extra_no_decay=()):
-    """AdamW groups: no weight decay on biases, norms and the class and mask tokens (all 1-D or token params)."""
+def skips_weight_decay(name, parameter):
+    """Biases, norms (all 1-D) and the class and mask tokens are not decayed, as in MAE."""
+    return parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token"))
+
+
+def parameter_groups(model, weight_decay):
+    """AdamW groups: weight decay on the matrices only (see skips_weight_decay)."""
     decay, no_decay = [], []
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
-            continue
-        skip = parameter.ndim <= 1 or name.endswith(("cls_token", "mask_token")) or name in extra_no_decay
-        (no_decay if skip else decay).append(parameter)
+        if parameter.requires_grad:
+            (no_decay if skips_weight_decay(name, parameter) else decay).append(parameter)
     return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
 
 
@@ -968,7 +981,7 @@ def layer_decay_groups(classifier, weight_decay, layer_decay):
     With n encoder blocks, the patch embedding and class token are layer 0, block k is layer k + 1, the final norm
     and the head are layer n + 1; layer i trains at lr * layer_decay ** (n + 1 - i), so the head gets the full lr
     and early layers, which hold the most general features, move least. Frozen parameters are skipped; no weight
-    decay on biases, norms and the class token (as in parameter_groups).
+    decay where skips_weight_decay says so.
     """
     top = len(classifier.encoder.blocks) + 1
     groups = {}
@@ -979,7 +992,7 @@ def layer_decay_groups(classifier, weight_decay, layer_decay):
             layer = int(name.split(".")[2]) + 1
         else:
             layer = 0 if name.startswith(("encoder.patch_embed", "encoder.cls_token")) else top
-        no_decay = parameter.ndim <= 1 or name.endswith("cls_token")
+        no_decay = skips_weight_decay(name, parameter)
         group = groups.setdefault((layer, no_decay), dict(params=[], weight_decay=0.0 if no_decay else weight_decay,
                                                           lr_scale=layer_decay ** (top - layer)))
         group["params"].append(parameter)
