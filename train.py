@@ -225,11 +225,21 @@ def held_out_loss(model, projection, config, device, mask_ratio=0.75, num_images
     return total / max(count, 1)
 
 
-def save_grid(model, projection, config, name):
-    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9)."""
-    return lmd.save_reconstruction_grid(model, projection, lmd.grid_images(config),
-                                        os.path.join(config["out"], f"grid_{name}.png"),
-                                        config["normalize_targets"], config["seed"])
+class GridWriter:
+    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9).
+
+    The images are loaded once, on the first grid, not at every one.
+    """
+
+    def __init__(self, model, projection, config):
+        self.model, self.projection, self.config, self.images = model, projection, config, None
+
+    def __call__(self, name):
+        if self.images is None:
+            self.images = lmd.grid_images(self.config)
+        return lmd.save_reconstruction_grid(self.model, self.projection, self.images,
+                                            os.path.join(self.config["out"], f"grid_{name}.png"),
+                                            self.config["normalize_targets"], self.config["seed"])
 
 
 def evaluate(model, projection, config, dist, step):
@@ -237,7 +247,7 @@ def evaluate(model, projection, config, dist, step):
     if not dist.is_main:
         return
     loss = held_out_loss(model, projection, config, dist.device, num_images=config["eval_images"])
-    grid = save_grid(model, projection, config, "eval")
+    grid = GridWriter(model, projection, config)("eval")
     result = dict(step=step, steps=config["steps"], held_out_loss_at_0_75=loss, eval_images=config["eval_images"],
                   grid=grid)
     with open(os.path.join(config["out"], "eval.json"), "w") as file:
@@ -296,10 +306,9 @@ def start_run_directory(config, model, dist, start_step):
           f"from step {start_step}", file=sys.stderr)
 
 
-def train_steps(config, model, train_model, optimizer, batches, dist, start_step, stop):
+def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, save_grid):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early)."""
     from tqdm import tqdm
-    schedule = mask_schedule(config)
     autocast = lmd.autocast_dtype(config["precision"], dist.device)
     checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
@@ -330,7 +339,7 @@ def train_steps(config, model, train_model, optimizer, batches, dist, start_step
             with open(os.path.join(config["out"], "metrics.jsonl"), "a") as file:
                 file.write(json.dumps(record) + "\n")
         if dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0:
-            save_grid(model, batches.projection, config, f"step{done:06d}")
+            save_grid(f"step{done:06d}")
         interrupted = dist.any(stop.requested)
         if done % config["save_every"] == 0 or done == last_step or interrupted:
             if dist.is_main:
@@ -350,7 +359,7 @@ def mask_schedule(config):
 
 def main(argv=None):
     config, checkpoint = load_config(argv)
-    mask_schedule(config)
+    schedule = mask_schedule(config)
     eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
     if eval_only and not checkpoint:
         raise lmd.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")
@@ -368,9 +377,11 @@ def main(argv=None):
         lmd.compile_transformer_blocks(model)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     start_run_directory(config, model, dist, start_step)
+    save_grid = GridWriter(model, projection, config)
     started = time.time()
     with StopRequest() as stop:
-        step = train_steps(config, model, train_model, optimizer, batches, dist, start_step, stop)
+        step = train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop,
+                           save_grid)
     if step < config["steps"]:
         if dist.is_main:
             print(f"stopped after step {step}; continue with: python train.py --resume {config['out']}",
@@ -382,7 +393,7 @@ def main(argv=None):
             json.dump(summary, file, indent=2)
         print(f"done: held-out masked-token loss at ratio 0.75 = {loss:.4f}; "
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
-        save_grid(model, projection, config, "final")
+        save_grid("final")
     if dist.is_main:  # the curves of every run, finished or stopped
         lmd.plot_curves(os.path.join(config["out"], "metrics.jsonl"), os.path.join(config["out"], "curves.png"))
     if dist.enabled:
