@@ -21,12 +21,14 @@ import time
 import torch
 
 import lmd
+from util import cli
+from util import pictures
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def build_parser():
-    parser = lmd.ArgumentParser(description="Train the four mask-ratio schedulers side by side and tabulate them.",
+    parser = cli.ArgumentParser(description="Train the four mask-ratio schedulers side by side and tabulate them.",
                                      allow_abbrev=False)  # so that train.py's flags pass through untouched
     parser.add_argument("--out", default="runs/ablation", help="directory for the four runs and the table "
                                                                "(default: %(default)s)")
@@ -45,7 +47,7 @@ def run(command):
     """Run a script with this Python; a failure stops the ablation with the command to rerun by hand."""
     print("$ " + shlex.join(command), file=sys.stderr, flush=True)
     if subprocess.call([sys.executable] + command) != 0:
-        raise lmd.UserError(f"this step of the ablation failed: python {shlex.join(command)}")
+        raise cli.UserError(f"this step of the ablation failed: python {shlex.join(command)}")
 
 
 def pretrain(scheduler, train_args, run_dir, reuse):
@@ -56,7 +58,7 @@ def pretrain(scheduler, train_args, run_dir, reuse):
         summary = json.load(file)
     with open(os.path.join(run_dir, "config.json")) as file:
         config = json.load(file)
-    last = lmd.read_metrics(os.path.join(run_dir, "metrics.jsonl"))[-1]
+    last = pictures.read_metrics(os.path.join(run_dir, "metrics.jsonl"))[-1]
     # summary.json times the training loop and the final evaluation, not start-up or the one-off latent cache
     # (which only the first run builds), so the four rows compare like with like.
     minutes = summary.get("minutes", summary.get("minutes_this_session"))
@@ -107,9 +109,9 @@ def main(argv=None):
     for name in schedulers:
         lmd.MaskSchedule(name)  # an unknown name is a UserError before anything runs
     if any(a.split("=")[0] in ("--scheduler", "--resume") for a in train_args):
-        raise lmd.UserError("ablation.py sets --scheduler itself, and --resume does not apply; drop the flag")
+        raise cli.UserError("ablation.py sets --scheduler itself, and --resume does not apply; drop the flag")
     if args.linprobe_epochs and not os.path.exists(os.path.join(HERE, "finetune.py")):
-        raise lmd.UserError("finetune.py is missing, so there is no linear probe; pass --linprobe-epochs 0")
+        raise cli.UserError("finetune.py is missing, so there is no linear probe; pass --linprobe-epochs 0")
     started = time.time()
     results = []
     for scheduler in schedulers:
@@ -129,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    lmd.run_cli(main)
+    cli.run_cli(main)

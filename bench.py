@@ -36,6 +36,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import lmd
+from util import cli
+from util import datasets
+from util import devices
+from util import optim
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults and settings, in one block.
@@ -68,7 +72,7 @@ PLANS[("smoke", "gpu")] = PLANS[("smoke", "cpu")]
 
 
 def build_parser():
-    parser = lmd.ArgumentParser(description="LMD speed benchmark: LMD vs pixel MAE, cached vs on-the-fly "
+    parser = cli.ArgumentParser(description="LMD speed benchmark: LMD vs pixel MAE, cached vs on-the-fly "
                                                  "VAE, MFU, peak memory, classifier inference.")
     speed = parser.add_mutually_exclusive_group()
     speed.add_argument("--quick", dest="mode", action="store_const", const="quick",
@@ -246,7 +250,7 @@ class Row:
 
 class FakeData:
     """Stand-ins for the data train.py feeds: random images in [0, 1], and a latent cache laid out like
-    lmd.encode_dataset's ([N, 2 flips, C, h, w], fp16, host memory). A batch is gathered from it like train.py's."""
+    latent_cache.encode_dataset's ([N, 2 flips, C, h, w], fp16, host memory). A batch is gathered from it like train.py's."""
 
     def __init__(self, num_items, image_size, latent_channels, latent_grid, device, seed=0):
         generator = torch.Generator().manual_seed(seed)
@@ -280,12 +284,12 @@ class Trainer:
     """A masked autoencoder and its optimiser, as train.py builds them."""
 
     def __init__(self, setting, channels, downsample, patch, device, compile_model):
-        grid = lmd.check_geometry(setting["image_size"], downsample, patch)
+        grid = datasets.check_geometry(setting["image_size"], downsample, patch)
         self.model = lmd.MaskedLatentViT(setting["model"], grid, patch, channels).to(device)
         self.geometry = setting
         self.compiled = torch.compile(self.model, dynamic=True) if compile_model else self.model
         # train.py's optimiser, fused (one pass over the weights instead of a dozen) on CPU as well as CUDA.
-        self.optimizer = torch.optim.AdamW(lmd.parameter_groups(self.model, 0.05), lr=1.5e-4, betas=(0.9, 0.95),
+        self.optimizer = torch.optim.AdamW(optim.parameter_groups(self.model, 0.05), lr=1.5e-4, betas=(0.9, 0.95),
                                            fused=device.type in ("cuda", "cpu"))
         # AdamW allocates its two moments at its first step. Allocate them now, with a step of size 0 on zero
         # gradients (the weights do not change), so that every measured iteration, the first one included, runs
@@ -441,7 +445,7 @@ def device_name(device):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     started, load_before = time.time(), os.getloadavg()
-    device = lmd.select_device(args.device)
+    device = devices.select_device(args.device)
     threads_before = torch.get_num_threads()
     # --smoke runs on one thread: tiny ops gain nothing from two, and a busy machine stalls their barriers.
     torch.set_num_threads(args.threads or (1 if args.mode == "smoke" else threads_before))
@@ -456,7 +460,7 @@ def run_benchmark(args, device, started, load_before):
     from tqdm import tqdm
     if device.type == "cuda":  # as train.py
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    autocast = lmd.autocast_dtype(args.precision, device)
+    autocast = devices.autocast_dtype(args.precision, device)
     dtype = autocast or torch.float32          # of the MFU reference matmul: what the step's matmuls run in
     plan = PLANS[(args.mode, "cpu" if device.type == "cpu" else "gpu")]
     smoke = args.mode == "smoke"
@@ -531,7 +535,7 @@ def run_benchmark(args, device, started, load_before):
 
     # e. Classifier inference on 224 px images: latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16.
     def classifier(channels, downsample, patch):
-        grid = lmd.check_geometry(paper["image_size"], downsample, patch)
+        grid = datasets.check_geometry(paper["image_size"], downsample, patch)
         model = lmd.LatentClassifier(lmd.MaskedLatentViT(paper["model"], grid, patch, channels), 1000).to(device)
         return model.eval(), (torch.compile(model, dynamic=True) if args.compile else model)
 
@@ -616,4 +620,4 @@ def _free(device):
 
 
 if __name__ == "__main__":
-    lmd.run_cli(main)
+    cli.run_cli(main)

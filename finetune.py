@@ -19,6 +19,14 @@ import torch
 import torch.nn.functional as F
 
 import lmd
+from util import checkpoints
+from util import cli
+from util import datasets
+from util import devices
+from util import latent_cache
+from util import optim
+from util import sampling
+from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
@@ -40,7 +48,7 @@ GEOMETRY = ("vae", "model", "image_size", "patch_size")
 
 
 def build_parser():
-    parser = lmd.ArgumentParser(description="Linear probe or fine-tuning of an LMD encoder on VAE latents.",
+    parser = cli.ArgumentParser(description="Linear probe or fine-tuning of an LMD encoder on VAE latents.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      argument_default=argparse.SUPPRESS)   # unset flags: DEFAULTS fills them in
     add = parser.add_argument
@@ -49,7 +57,7 @@ def build_parser():
         help="'linprobe': frozen encoder, BatchNorm (no affine) + linear head; 'finetune': all weights train")
     add("--init", choices=("pretrained", "scratch"), default=DEFAULTS["init"],
         help="'scratch': the same classifier from random weights (the baseline that shows what pretraining buys)")
-    add("--dataset", choices=lmd.DATASETS, help="classification data (default: the checkpoint's)")
+    add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
     add("--data-dir", help="dataset root and latent cache (default: the checkpoint's)")
@@ -82,19 +90,19 @@ def resolve_config(flags, checkpoint_path, pretrained):
     """The run's config: the flags, the mode's recipe, and the data and geometry of the pretraining config."""
     missing = [key for key in (*GEOMETRY, "dataset", "data_dir") if key not in pretrained]
     if missing:
-        raise lmd.UserError(f"{checkpoint_path!r} has no {', '.join(missing)} in its config; was it written by an "
+        raise cli.UserError(f"{checkpoint_path!r} has no {', '.join(missing)} in its config; was it written by an "
                             "older train.py? Pretrain again")
     config = {**DEFAULTS, **flags}
     for key, value in RECIPES[config["mode"]].items():
         config[key] = value if config[key] is None else config[key]
     for key in GEOMETRY:   # the classifier is the pretrained encoder: its input must be what it was trained on
         if config[key] is not None and config[key] != pretrained[key]:
-            raise lmd.UserError(f"--{key.replace('_', '-')} {config[key]} does not match the checkpoint, which was "
+            raise cli.UserError(f"--{key.replace('_', '-')} {config[key]} does not match the checkpoint, which was "
                                 f"pretrained with {pretrained[key]}; drop the flag (it comes from the checkpoint)")
         config[key] = pretrained[key]
     same_dataset = config["dataset"] in (None, pretrained["dataset"])
     if not same_dataset and not config["allow_other_dataset"]:
-        raise lmd.UserError(f"--dataset {config['dataset']} does not match the checkpoint, which was pretrained on "
+        raise cli.UserError(f"--dataset {config['dataset']} does not match the checkpoint, which was pretrained on "
                             f"{pretrained['dataset']}; add --allow-other-dataset to transfer on purpose")
     config["dataset"] = config["dataset"] or pretrained["dataset"]
     config["data_dir"] = config["data_dir"] or pretrained["data_dir"]
@@ -108,9 +116,9 @@ def resolve_config(flags, checkpoint_path, pretrained):
     config["out"] = config["out"] or os.path.join(run_dir, f"{config['mode']}-{config['init']}")
     for flag in ("epochs", "batch_size"):
         if config[flag] < 1:
-            raise lmd.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
+            raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     if not 0 < config["layer_decay"] <= 1 or not 0 <= config["label_smoothing"] < 1:
-        raise lmd.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
+        raise cli.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
     return config
 
 
@@ -121,15 +129,15 @@ class Split:
     """
 
     def __init__(self, config, split, projection, dist):
-        source = lmd.load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
+        source = datasets.load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
                                        config["synthetic_size"])
         self.classes, self.projection, self.device = source.classes, projection, dist.device
-        self.images = lmd.ImageDataset(source, config["image_size"])   # also feeds the throughput measurement
+        self.images = datasets.ImageDataset(source, config["image_size"])   # also feeds the throughput measurement
         self.latents = None
         if not projection.is_pixels:   # encode once; the cache holds every image and its mirror image
-            cache = lmd.dataset_latents(config, split, projection, dist, source)
+            cache = latent_cache.dataset_latents(config, split, projection, dist, source)
             self.latents, self.labels = cache["latents"], cache["labels"]
-        self.workers = lmd.loader_workers(config["num_workers"])
+        self.workers = devices.loader_workers(config["num_workers"])
 
     def __len__(self):
         return len(self.images)
@@ -192,28 +200,28 @@ def throughput(classifier, projection, images, device, autocast, repeats=5):
 
 def main(argv=None):
     flags = vars(build_parser().parse_args(argv))
-    checkpoint = lmd.load_checkpoint(flags["checkpoint"])
+    checkpoint = checkpoints.load_checkpoint(flags["checkpoint"])
     pretrained = checkpoint["config"]
     config = resolve_config(flags, flags["checkpoint"], pretrained)
-    dist = lmd.Distributed(config["device"])
+    dist = devices.Distributed(config["device"])
     if config["batch_size"] % dist.world_size:
-        raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
-    projection = lmd.load_projection(config["vae"], dist.device, announce=dist.is_main)
+        raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+    projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
     train_data, val_data = (Split(config, split, projection, dist) for split in ("train", "val"))
     if len(train_data) < config["batch_size"]:
-        raise lmd.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
+        raise cli.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
                             f"(--batch-size {config['batch_size']}); lower --batch-size")
     torch.manual_seed(config["seed"])   # here, after the data: building a cache draws from the global RNG
-    autoencoder = lmd.build_model(config, projection)
+    autoencoder = checkpoints.build_model(config, projection)
     if config["init"] == "pretrained":
-        lmd.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
+        checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
     linear_probe = config["mode"] == "linprobe"
     classifier = lmd.LatentClassifier(autoencoder, len(train_data.classes), linear_probe).to(dist.device)
-    groups = lmd.layer_decay_groups(classifier, config["weight_decay"], 1.0 if linear_probe else config["layer_decay"])
+    groups = optim.layer_decay_groups(classifier, config["weight_decay"], 1.0 if linear_probe else config["layer_decay"])
     optimizer = (torch.optim.SGD(groups, lr=config["lr"], momentum=0.9) if linear_probe else
                  torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999)))
     train_model = torch.nn.parallel.DistributedDataParallel(classifier) if dist.enabled else classifier
-    autocast = lmd.autocast_dtype(config["precision"], dist.device)
+    autocast = devices.autocast_dtype(config["precision"], dist.device)
     steps_per_epoch = len(train_data) // config["batch_size"]
     if config["warmup_epochs"] >= config["epochs"] and dist.is_main:   # the lr would never reach its peak
         print(f"note: --warmup-epochs {config['warmup_epochs']} is not below --epochs {config['epochs']}; warming up "
@@ -236,20 +244,20 @@ def main(argv=None):
     bar = tqdm(total=total_steps, desc=config["mode"], disable=not dist.is_main, dynamic_ncols=True)
     for epoch in range(config["epochs"]):
         steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
-        indices = [lmd.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
+        indices = [sampling.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
                                      dist.world_size) for step in steps]
-        flips = [torch.randint(0, 2, (len(i),), generator=lmd.step_generator(config["seed"], step, dist.rank))
+        flips = [torch.randint(0, 2, (len(i),), generator=sampling.step_generator(config["seed"], step, dist.rank))
                  for i, step in zip(indices, steps)]
         train_model.train()
         loss_sum = 0.0
         for step, (inputs, labels) in zip(steps, train_data.batches(indices, flips)):
-            lr = lmd.learning_rate(step, total_steps, warmup_steps, config["lr"])
+            lr = optim.learning_rate(step, total_steps, warmup_steps, config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
                 loss = F.cross_entropy(train_model(inputs), labels, label_smoothing=config["label_smoothing"])
             if not torch.isfinite(loss):
-                raise lmd.UserError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
+                raise cli.UserError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -259,7 +267,7 @@ def main(argv=None):
         top1 = evaluate(classifier, val_data, config["batch_size"], dist, autocast)
         history.append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, top1=top1))
         if top1 > best and dist.is_main:   # keep the best epoch's classifier
-            lmd.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1, top1=top1,
+            checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1, top1=top1,
                                  classes=train_data.classes, config=config, pretraining_config=pretrained,
                                  torch_version=torch.__version__), os.path.join(config["out"], "classifier.pt"))
         best = max(best, top1)
@@ -287,4 +295,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    lmd.run_cli(main)
+    cli.run_cli(main)

@@ -20,9 +20,18 @@ import time
 import torch
 
 import lmd
+from util import checkpoints
+from util import cli
+from util import datasets
+from util import devices
+from util import latent_cache
+from util import optim
+from util import pictures
+from util import sampling
+from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. Image and patch size default per dataset (lmd.DATASET_DEFAULTS).
+# Defaults, in one block. Image and patch size default per dataset (datasets.DATASET_DEFAULTS).
 DEFAULTS = dict(
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
@@ -38,7 +47,7 @@ RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile
 
 def build_parser():
     # Unset flags stay absent (SUPPRESS) so that resume can tell what was typed from what was defaulted.
-    parser = lmd.ArgumentParser(description="LMD pretraining (masked autoencoder on VAE latents).",
+    parser = cli.ArgumentParser(description="LMD pretraining (masked autoencoder on VAE latents).",
                                      argument_default=argparse.SUPPRESS)
 
     def add(flag, **kwargs):
@@ -53,7 +62,7 @@ def build_parser():
     add("--mask-end", type=float, help="mask ratio at the end of the ramp, held afterwards")
     add("--mask-plateau", type=float, help="the middle plateau of --scheduler piecewise")
     add("--ramp-fraction", type=float, help="fraction of training over which the ratio ramps up")
-    add("--dataset", choices=lmd.DATASETS, help="training data; 'synthetic' needs no download")
+    add("--dataset", choices=datasets.DATASETS, help="training data; 'synthetic' needs no download")
     add("--synthetic-size", type=int, help="training images of --dataset synthetic (validation: a fifth of it)")
     add("--data-dir", help="dataset root (CIFAR is downloaded here; imagefolder reads DIR/train and DIR/val); "
                            "the latent cache is written under DIR/lmd_latents")
@@ -108,19 +117,19 @@ def parse_flags(argv=None):
 def resolve_config(flags, given):
     """The run's full config: the flags, the per-dataset defaults, and everything derived from them."""
     config = {k: v for k, v in flags.items() if k != "resume"}
-    defaults = lmd.DATASET_DEFAULTS[config["dataset"]]
+    defaults = datasets.DATASET_DEFAULTS[config["dataset"]]
     config["image_size"] = config["image_size"] or defaults["image_size"]
-    config["patch_size"] = config["patch_size"] or lmd.default_patch_size(config["dataset"], config["vae"])
+    config["patch_size"] = config["patch_size"] or datasets.default_patch_size(config["dataset"], config["vae"])
     config["warmup_steps"] = config["warmup_steps"] if config["warmup_steps"] is not None else config["steps"] // 20
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
     config["cache"] = config["cache"] and config["vae"] != "none"   # pixels need no encoding
     if config["augment"] == "auto":
         config["augment"] = "full" if given and flags.get("cache") is False else "flip"
     if config["augment"] == "full" and config["cache"]:
-        raise lmd.UserError("--augment full (random resized crops) cannot be cached; add --no-cache")
+        raise cli.UserError("--augment full (random resized crops) cannot be cached; add --no-cache")
     for flag in ("steps", "batch_size", "log_every", "save_every"):
         if config[flag] < 1:
-            raise lmd.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
+            raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     return config
 
 
@@ -131,7 +140,7 @@ def resumed_config(flags, given, checkpoint):
         if flag in RESUME_OVERRIDES:
             config[flag] = flags[flag]
         elif flags[flag] != config.get(flag):
-            raise lmd.UserError(f"--{flag.replace('_', '-')} {flags[flag]} differs from the resumed run "
+            raise cli.UserError(f"--{flag.replace('_', '-')} {flags[flag]} differs from the resumed run "
                                 f"({config.get(flag)}); drop the flag to continue the same run")
     return config
 
@@ -168,29 +177,29 @@ class TrainingBatches:
 
     def __init__(self, config, projection, dist, start_step):
         self.config, self.projection, self.dist = config, projection, dist
-        source = lmd.load_image_source(config["dataset"], config["data_dir"], "train", config["image_size"],
+        source = datasets.load_image_source(config["dataset"], config["data_dir"], "train", config["image_size"],
                                        config["synthetic_size"])
         if len(source) < config["batch_size"]:
-            raise lmd.UserError(f"the training set has {len(source)} images, fewer than one batch "
+            raise cli.UserError(f"the training set has {len(source)} images, fewer than one batch "
                                 f"(--batch-size {config['batch_size']}); lower --batch-size")
         self.num_items = len(source)
         if config["cache"]:
-            self.cache = lmd.dataset_latents(config, "train", projection, dist, source)
+            self.cache = latent_cache.dataset_latents(config, "train", projection, dist, source)
             self.loader = None
         else:
-            images = lmd.ImageDataset(source, config["image_size"], config["augment"])
-            workers = lmd.loader_workers(config["num_workers"])
+            images = datasets.ImageDataset(source, config["image_size"], config["augment"])
+            workers = devices.loader_workers(config["num_workers"])
             self.loader = iter(torch.utils.data.DataLoader(
                 images, batch_sampler=self._seeded_batches(start_step), num_workers=workers,
                 pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0))
 
     def _indices(self, step):
-        return lmd.batch_indices(step, self.num_items, self.config["batch_size"], self.config["seed"],
+        return sampling.batch_indices(step, self.num_items, self.config["batch_size"], self.config["seed"],
                                  self.dist.rank, self.dist.world_size)
 
     def _seeded_batches(self, start_step):
         for step in range(start_step, self.config["steps"]):
-            yield [(int(i), lmd.augmentation_seed(self.config["seed"], step, int(i))) for i in self._indices(step)]
+            yield [(int(i), sampling.augmentation_seed(self.config["seed"], step, int(i))) for i in self._indices(step)]
 
     def latents(self, step):
         """This rank's latents for `step` [batch / world_size, C, h, w] on the training device."""
@@ -199,7 +208,7 @@ class TrainingBatches:
             images, _ = next(self.loader)
             return self.projection.encode(images.to(device, non_blocking=True))
         indices = self._indices(step)
-        generator = lmd.step_generator(self.config["seed"], step, self.dist.rank)
+        generator = sampling.step_generator(self.config["seed"], step, self.dist.rank)
         flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
         batch = self.cache["latents"][indices, flips]
         if device.type == "cuda":
@@ -210,11 +219,11 @@ class TrainingBatches:
 @torch.no_grad()
 def held_out_loss(model, projection, config, device, mask_ratio=0.75, num_images=256):
     """Masked-token loss on the first `num_images` validation images at a fixed ratio and a fixed mask seed."""
-    source = lmd.load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
+    source = datasets.load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
                                    config["synthetic_size"])
-    images = lmd.ImageDataset(source, config["image_size"])
+    images = datasets.ImageDataset(source, config["image_size"])
     subset = torch.utils.data.Subset(images, range(min(num_images, len(images))))
-    generator = lmd.step_generator(config["seed"], -1, device=device)
+    generator = sampling.step_generator(config["seed"], -1, device=device)
     model.eval()
     total, count = 0.0, 0
     for batch, _ in torch.utils.data.DataLoader(subset, batch_size=64):
@@ -236,8 +245,8 @@ class GridWriter:
 
     def __call__(self, name):
         if self.images is None:
-            self.images = lmd.grid_images(self.config)
-        return lmd.save_reconstruction_grid(self.model, self.projection, self.images,
+            self.images = pictures.grid_images(self.config)
+        return pictures.save_reconstruction_grid(self.model, self.projection, self.images,
                                             os.path.join(self.config["out"], f"grid_{name}.png"),
                                             self.config["normalize_targets"], self.config["seed"])
 
@@ -256,7 +265,7 @@ def evaluate(model, projection, config, dist, step):
 
 
 def save_checkpoint(path, model, optimizer, step, config):
-    lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(),
+    checkpoints.save_atomic(dict(kind=checkpoints.CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          step=step, config=config, torch_version=torch.__version__,
                          rng=dict(cpu=torch.get_rng_state(),
                                   cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
@@ -269,7 +278,7 @@ def load_config(argv):
     resume = flags["resume"]
     if not resume:
         return resolve_config(flags, given), None
-    checkpoint = lmd.load_checkpoint(resume)
+    checkpoint = checkpoints.load_checkpoint(resume)
     config = resumed_config(flags, given, checkpoint)
     config["out"] = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
     checkpoint["path"] = resume
@@ -279,12 +288,12 @@ def load_config(argv):
 def build_run(config, checkpoint, dist):
     """The projection, model and optimizer of a run, restored from `checkpoint` when resuming."""
     torch.manual_seed(config["seed"])
-    projection = lmd.load_projection(config["vae"], dist.device, announce=dist.is_main)
-    model = lmd.build_model(config, projection).to(dist.device)
-    optimizer = torch.optim.AdamW(lmd.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
+    projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
+    model = checkpoints.build_model(config, projection).to(dist.device)
+    optimizer = torch.optim.AdamW(optim.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(0.9, 0.95), fused=dist.device.type in ("cuda", "cpu"))
     if checkpoint:
-        lmd.load_model_state(model, checkpoint["model"], checkpoint["path"])
+        checkpoints.load_model_state(model, checkpoint["model"], checkpoint["path"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         torch.set_rng_state(checkpoint["rng"]["cpu"])
         if checkpoint["rng"]["cuda"] is not None and dist.device.type == "cuda":
@@ -309,7 +318,7 @@ def start_run_directory(config, model, dist, start_step):
 def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, save_grid):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early)."""
     from tqdm import tqdm
-    autocast = lmd.autocast_dtype(config["precision"], dist.device)
+    autocast = devices.autocast_dtype(config["precision"], dist.device)
     checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
     bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
@@ -317,11 +326,11 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     last_saved, started = start_step, time.time()
     for step in bar:
         mask_ratio = schedule(step / config["steps"])
-        lr = lmd.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
+        lr = optim.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
         for group in optimizer.param_groups:
             group["lr"] = lr
         latents = batches.latents(step)
-        generator = lmd.step_generator(config["seed"], step, dist.rank, dist.device)
+        generator = sampling.step_generator(config["seed"], step, dist.rank, dist.device)
         with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
             loss, _, _ = train_model(latents, mask_ratio, config["normalize_targets"], generator=generator)
         optimizer.zero_grad(set_to_none=True)
@@ -329,7 +338,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
         optimizer.step()
         loss_value = loss.item()
         if not math.isfinite(loss_value):  # never save weights that a non-finite loss has touched
-            raise lmd.UserError(f"the loss became {loss_value} at step {step + 1}; the last good checkpoint (step "
+            raise cli.UserError(f"the loss became {loss_value} at step {step + 1}; the last good checkpoint (step "
                                 f"{last_saved}) is kept in {config['out']}; lower --lr or use --precision fp32")
         done = step + 1
         bar.set_postfix(loss=f"{loss_value:.4f}", mask_ratio=f"{mask_ratio:.3f}", lr=f"{lr:.2e}")
@@ -362,10 +371,10 @@ def main(argv=None):
     schedule = mask_schedule(config)
     eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
     if eval_only and not checkpoint:
-        raise lmd.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")
-    dist = lmd.Distributed(config["device"])
+        raise cli.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")
+    dist = devices.Distributed(config["device"])
     if config["batch_size"] % dist.world_size:
-        raise lmd.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+        raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
     if dist.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     projection, model, optimizer = build_run(config, checkpoint, dist)
@@ -374,7 +383,7 @@ def main(argv=None):
         return evaluate(model, projection, config, dist, start_step)
     batches = TrainingBatches(config, projection, dist, start_step)
     if config["compile"]:
-        lmd.compile_transformer_blocks(model)
+        devices.compile_transformer_blocks(model)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     start_run_directory(config, model, dist, start_step)
     save_grid = GridWriter(model, projection, config)
@@ -395,7 +404,7 @@ def main(argv=None):
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
         save_grid("final")
     if dist.is_main:  # the curves of every run, finished or stopped
-        lmd.plot_curves(os.path.join(config["out"], "metrics.jsonl"), os.path.join(config["out"], "curves.png"))
+        pictures.plot_curves(os.path.join(config["out"], "metrics.jsonl"), os.path.join(config["out"], "curves.png"))
     if dist.enabled:
         torch.distributed.destroy_process_group()
 
@@ -411,4 +420,4 @@ def keep_metrics_before(path, step):
 
 
 if __name__ == "__main__":
-    lmd.run_cli(main)
+    cli.run_cli(main)

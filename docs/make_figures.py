@@ -3,7 +3,7 @@ The README's two drawn figures, made from the repository's own code:
 
     python docs/make_figures.py            # writes docs/pipeline.png and docs/schedules.png
 
-schedules.png plots lmd.MaskSchedule itself (lmd.plot_schedules); pipeline.png draws the data flow of one training
+schedules.png plots lmd.MaskSchedule itself (pictures.plot_schedules); pipeline.png draws the data flow of one training
 step around a real synthetic image and a real 0.75 mask from lmd.random_masking.
 """
 
@@ -15,6 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
 import lmd  # noqa: E402
+from util import cli, datasets, pictures  # noqa: E402
 
 DOCS = os.path.dirname(os.path.abspath(__file__))
 
@@ -23,10 +24,10 @@ def plot_pipeline(path):
     """image -> VAE -> latent patches -> masking -> encoder -> decoder -> loss, as boxes and arrows."""
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
-    image, _ = lmd.synthetic_image(3, 224)
+    image, _ = datasets.synthetic_image(3, 224)
     grid = 7   # 49 tokens: the paper's 224 px image, 4 x 28 x 28 latent, latent patch 4
     _, mask, _ = lmd.random_masking(torch.zeros(1, grid * grid, 1), 0.75, torch.Generator().manual_seed(0))
-    pixel_mask = lmd.token_mask_to_pixels(mask, grid, 224)[0]
+    pixel_mask = pictures.token_mask_to_pixels(mask, grid, 224)[0]
     masked = image * (1 - pixel_mask) + 0.5 * pixel_mask
 
     figure = Figure(figsize=(13, 3.4))
@@ -70,8 +71,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     print(plot_pipeline(os.path.join(args.out, "pipeline.png")))
-    print(lmd.plot_schedules(os.path.join(args.out, "schedules.png")))
+    print(pictures.plot_schedules(os.path.join(args.out, "schedules.png")))
 
 
 if __name__ == "__main__":
-    lmd.run_cli(main)
+    cli.run_cli(main)

@@ -11,6 +11,9 @@ import torch
 
 import finetune
 import lmd
+from util import checkpoints
+from util import cli
+from util import optim
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,8 +66,8 @@ def test_pretrained_linear_probe_beats_scratch_and_chance(probes):
 
 def test_linear_probe_leaves_the_encoder_bit_identical(run, probes):
     out = run.parent / "linprobe-pretrained"
-    classifier = lmd.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
-    pretrained = lmd.load_checkpoint(str(run))["model"]
+    classifier = checkpoints.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
+    pretrained = checkpoints.load_checkpoint(str(run))["model"]
     encoder = {k[len("encoder."):]: v for k, v in classifier["model"].items() if k.startswith("encoder.")}
     assert encoder and not any(k.startswith("decoder") for k in encoder)   # the decoder is dropped
     for name, weight in encoder.items():
@@ -84,8 +87,8 @@ def test_finetune_end_to_end_subprocess(run):
     assert results["mode"] == "finetune" and results["init"] == "pretrained" and results["epochs"] == 1
     assert 0 <= results["top1"]["best"] <= 1 and results["top1"]["best"] >= results["top1"]["final"]
     assert results["config"]["label_smoothing"] == 0.1 and results["config"]["layer_decay"] == 0.65
-    classifier = lmd.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
-    pretrained = lmd.load_checkpoint(str(run))["model"]
+    classifier = checkpoints.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
+    pretrained = checkpoints.load_checkpoint(str(run))["model"]
     assert not torch.equal(classifier["model"]["encoder.blocks.0.attn.qkv.weight"],
                            pretrained["blocks.0.attn.qkv.weight"])   # fine-tuning moves the encoder
 
@@ -108,7 +111,7 @@ def test_linear_probe_on_cached_vae_latents(tmp_path):
 
 def test_layer_decay_groups_scale_the_learning_rate_by_depth():
     classifier = lmd.LatentClassifier(lmd.MaskedLatentViT("tiny", 8, 2, 4), num_classes=10)
-    scales = {id(p): group["lr_scale"] for group in lmd.layer_decay_groups(classifier, 0.05, 0.5)
+    scales = {id(p): group["lr_scale"] for group in optim.layer_decay_groups(classifier, 0.05, 0.5)
               for p in group["params"]}
     depth = len(classifier.encoder.blocks)
     assert scales[id(classifier.head[1].weight)] == 1.0
@@ -117,14 +120,14 @@ def test_layer_decay_groups_scale_the_learning_rate_by_depth():
     assert len(scales) == sum(1 for _ in classifier.parameters())
     probe = lmd.LatentClassifier(lmd.MaskedLatentViT("tiny", 8, 2, 4), num_classes=10, linear_probe=True).train()
     assert not probe.encoder.training and probe.head.training     # the frozen encoder stays in eval mode
-    trained = [p for group in lmd.layer_decay_groups(probe, 0.0, 1.0) for p in group["params"]]
+    trained = [p for group in optim.layer_decay_groups(probe, 0.0, 1.0) for p in group["params"]]
     assert len(trained) == 2 and trained[0] is probe.head[1].weight   # only the linear head trains
 
 
 def refused(capsys, argv):
     """Run finetune.py's CLI in-process -> its one-line error message (exit status 2, no traceback)."""
     with pytest.raises(SystemExit) as exit_info:
-        lmd.run_cli(lambda: finetune.main(argv))
+        cli.run_cli(lambda: finetune.main(argv))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1, err

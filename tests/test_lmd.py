@@ -6,6 +6,12 @@ import pytest
 import torch
 
 import lmd
+from util import checkpoints
+from util import cli
+from util import datasets
+from util import optim
+from util import sampling
+from util import vaes
 
 
 # ----------------------------------------------------------------------------- patches and masking
@@ -97,7 +103,7 @@ def test_scheduler_options_are_configurable():
 @pytest.mark.parametrize("kwargs", [dict(name="exponential"), dict(start=0.0), dict(end=1.0), dict(start=0.8),
                                     dict(constant_ratio=1.5), dict(ramp=0.0), dict(name="piecewise", mid=0.9)])
 def test_scheduler_rejects_bad_settings(kwargs):
-    with pytest.raises(lmd.UserError):
+    with pytest.raises(lmd.ConfigError):
         lmd.MaskSchedule(**kwargs)
 
 
@@ -178,31 +184,31 @@ def test_classifier_pools_patch_tokens():
 # ----------------------------------------------------------------------------- latent projection
 
 def test_pixel_projection_is_identity_up_to_range():
-    projection = lmd.load_projection("none")
+    projection = vaes.open_projection("none")
     images = torch.rand(2, 3, 16, 16)
     assert projection.channels == 3 and projection.downsample == 1
     assert torch.allclose(projection.decode(projection.encode(images)), images)
 
 
 def test_tiny_vae_is_announced_as_untrained(capsys):
-    projection = lmd.load_projection("tiny")
+    projection = vaes.open_projection("tiny")
     assert not projection.trained
     assert "UNTRAINED" in capsys.readouterr().err
     latents = projection.encode(torch.rand(2, 3, 32, 32))
     assert latents.shape == (2, 4, 4, 4)
-    assert projection.fingerprint() == lmd.load_projection("tiny", announce=False).fingerprint()
+    assert vaes.fingerprint(projection) == vaes.fingerprint(vaes.open_projection("tiny", announce=False))
 
 
 def test_vae_fingerprint_ignores_private_config_keys():
     """diffusers builds `_use_default_values` from a set: its order changes between processes, the VAE does not."""
     from diffusers.configuration_utils import FrozenDict
-    projection = lmd.load_projection("tiny", announce=False)
-    before = projection.fingerprint()
+    projection = vaes.open_projection("tiny", announce=False)
+    before = vaes.fingerprint(projection)
     config = dict(projection.vae.config)
     projection.vae._internal_dict = FrozenDict({**config, "_use_default_values": ["b", "a"], "_name_or_path": "x"})
-    assert projection.fingerprint() == before
+    assert vaes.fingerprint(projection) == before
     projection.vae._internal_dict = FrozenDict({**config, "scaling_factor": 0.5})
-    assert projection.fingerprint() != before
+    assert vaes.fingerprint(projection) != before
 
 
 def test_autoencoder_kl_saved_locally_loads_by_path(tmp_path):
@@ -211,7 +217,7 @@ def test_autoencoder_kl_saved_locally_loads_by_path(tmp_path):
                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         scaling_factor=0.5)
     vae.save_pretrained(tmp_path / "vae")
-    projection = lmd.load_projection(str(tmp_path / "vae"))
+    projection = vaes.open_projection(str(tmp_path / "vae"))
     images = torch.rand(2, 3, 32, 32)
     latents = projection.encode(images)
     assert latents.shape == (2, 4, 4, 4) and projection.downsample == 8
@@ -224,7 +230,7 @@ def test_autoencoder_tiny_saved_locally_loads_by_path(tmp_path):
     from diffusers import AutoencoderTiny
     vae = AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8))
     vae.save_pretrained(tmp_path / "taesd")
-    projection = lmd.load_projection(str(tmp_path / "taesd"))
+    projection = vaes.open_projection(str(tmp_path / "taesd"))
     assert type(projection.vae).__name__ == "AutoencoderTiny"
     assert projection.encode(torch.rand(1, 3, 64, 64)).shape == (1, 4, 8, 8)
     assert projection.scaling_factor == 1.0 and projection.downsample == 8
@@ -232,60 +238,60 @@ def test_autoencoder_tiny_saved_locally_loads_by_path(tmp_path):
 
 @pytest.mark.parametrize("bad", ["/nonexistent/vae", "./missing-vae"])
 def test_missing_local_vae_is_a_clear_error(bad):
-    with pytest.raises(lmd.UserError, match="no such directory"):
-        lmd.load_projection(bad)
+    with pytest.raises(cli.UserError, match="no such directory"):
+        vaes.open_projection(bad)
 
 
 def test_unreachable_hub_fails_fast(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(lmd.UserError, match="--dataset synthetic --vae tiny"):
-        lmd.load_projection("someone/not-cached-vae")
+    with pytest.raises(cli.UserError, match="--dataset synthetic --vae tiny"):
+        vaes.open_projection("someone/not-cached-vae")
 
 
 # ----------------------------------------------------------------------------- data
 
 def test_geometry_check():
-    assert lmd.check_geometry(64, 8, 2) == 8
-    with pytest.raises(lmd.UserError, match="not divisible"):
-        lmd.check_geometry(60, 8, 2)
-    with pytest.raises(lmd.UserError, match="at least 2x2"):
-        lmd.check_geometry(16, 8, 2)
+    assert datasets.check_geometry(64, 8, 2) == 8
+    with pytest.raises(cli.UserError, match="not divisible"):
+        datasets.check_geometry(60, 8, 2)
+    with pytest.raises(cli.UserError, match="at least 2x2"):
+        datasets.check_geometry(16, 8, 2)
 
 
 def test_synthetic_images_are_deterministic_and_labelled():
-    data = lmd.SyntheticShapes("train", image_size=32, train_size=20)
+    data = datasets.SyntheticShapes("train", image_size=32, train_size=20)
     image, label = data[3]
     assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
     assert torch.equal(image, data[3][0]) and label == 3
     assert sorted(set(data.targets)) == list(range(10))
-    val = lmd.SyntheticShapes("val", image_size=32, train_size=20)
+    val = datasets.SyntheticShapes("val", image_size=32, train_size=20)
     assert len(val) == 4 and not torch.equal(val[0][0], data[0][0])
 
 
 def test_seeded_augmentation_is_reproducible():
-    images = lmd.ImageDataset(lmd.SyntheticShapes("train", 32, 10), 32, augment="full")
+    images = datasets.ImageDataset(datasets.SyntheticShapes("train", 32, 10), 32, augment="full")
     assert torch.equal(images[(1, 123)][0], images[(1, 123)][0])
     assert not all(torch.equal(images[(1, 123)][0], images[(1, seed)][0]) for seed in range(5))
 
 
 def test_batch_indices_cover_each_epoch_and_split_across_ranks():
-    first_epoch = torch.cat([lmd.batch_indices(step, 20, 4, seed=0) for step in range(5)])
+    first_epoch = torch.cat([sampling.batch_indices(step, 20, 4, seed=0) for step in range(5)])
     assert sorted(first_epoch.tolist()) == list(range(20))
-    assert not torch.equal(lmd.batch_indices(0, 20, 4, 0), lmd.batch_indices(5, 20, 4, 0))   # reshuffled
-    ranks = torch.cat([lmd.batch_indices(3, 20, 4, 0, rank, 2) for rank in range(2)])
-    assert torch.equal(ranks, lmd.batch_indices(3, 20, 4, 0))
+    assert not torch.equal(sampling.batch_indices(0, 20, 4, 0), sampling.batch_indices(5, 20, 4, 0))   # reshuffled
+    ranks = torch.cat([sampling.batch_indices(3, 20, 4, 0, rank, 2) for rank in range(2)])
+    assert torch.equal(ranks, sampling.batch_indices(3, 20, 4, 0))
 
 
 def test_learning_rate_warmup_then_cosine():
-    assert lmd.learning_rate(0, 100, 10, 1.0) == pytest.approx(0.1)
-    assert lmd.learning_rate(9, 100, 10, 1.0) == pytest.approx(1.0)
-    assert lmd.learning_rate(55, 100, 10, 1.0) == pytest.approx(0.5)
-    assert lmd.learning_rate(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
+    assert optim.learning_rate(0, 100, 10, 1.0) == pytest.approx(0.1)
+    assert optim.learning_rate(9, 100, 10, 1.0) == pytest.approx(1.0)
+    assert optim.learning_rate(55, 100, 10, 1.0) == pytest.approx(0.5)
+    assert optim.learning_rate(100, 100, 10, 1.0) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_no_weight_decay_on_biases_norms_and_tokens():
     model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
-    decay, no_decay = lmd.parameter_groups(model, 0.05)
+    decay, no_decay = optim.parameter_groups(model, 0.05)
     assert all(p.ndim == 2 for p in decay["params"])
     assert any(p is model.cls_token for p in no_decay["params"])
     assert math.isclose(decay["weight_decay"], 0.05) and no_decay["weight_decay"] == 0
@@ -295,14 +301,14 @@ def test_no_weight_decay_on_biases_norms_and_tokens():
 
 def test_save_atomic_and_checkpoint_errors(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, step=3), str(path))
-    assert lmd.load_checkpoint(str(tmp_path))["step"] == 3
+    checkpoints.save_atomic(dict(kind=checkpoints.CHECKPOINT_KIND, step=3), str(path))
+    assert checkpoints.load_checkpoint(str(tmp_path))["step"] == 3
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]        # no temporary file left behind
-    with pytest.raises(lmd.UserError, match="does not exist"):
-        lmd.load_checkpoint(str(tmp_path / "missing.pt"))
+    with pytest.raises(cli.UserError, match="does not exist"):
+        checkpoints.load_checkpoint(str(tmp_path / "missing.pt"))
     (tmp_path / "half.pt").write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(lmd.UserError, match="unreadable"):
-        lmd.load_checkpoint(str(tmp_path / "half.pt"))
+    with pytest.raises(cli.UserError, match="unreadable"):
+        checkpoints.load_checkpoint(str(tmp_path / "half.pt"))
     torch.save({"weights": 1}, tmp_path / "foreign.pt")
-    with pytest.raises(lmd.UserError, match="not an LMD"):
-        lmd.load_checkpoint(str(tmp_path / "foreign.pt"))
+    with pytest.raises(cli.UserError, match="not an LMD"):
+        checkpoints.load_checkpoint(str(tmp_path / "foreign.pt"))

@@ -11,6 +11,9 @@ from PIL import Image
 
 import ablation
 import lmd
+from util import cli
+from util import pictures
+from util import vaes
 import train
 
 IMAGE_SIZE = 64
@@ -71,7 +74,7 @@ def test_eval_only_renders_and_reports_without_touching_the_checkpoint(run, caps
 
 def test_eval_only_without_resume_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        lmd.run_cli(lambda: train.main(["--eval-only", "--dataset", "synthetic", "--vae", "none"]))
+        cli.run_cli(lambda: train.main(["--eval-only", "--dataset", "synthetic", "--vae", "none"]))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: ") and "--resume" in error and len(error.splitlines()) == 1
@@ -79,10 +82,10 @@ def test_eval_only_without_resume_is_a_one_line_error(capsys):
 
 def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
     torch.manual_seed(0)
-    projection = lmd.load_projection("none")
+    projection = vaes.open_projection("none")
     model = lmd.MaskedLatentViT("tiny", grid_size=32, patch_size=8, channels=3)
     images = torch.rand(3, 3, 32, 32)
-    original, masked_input, reconstruction, pasted = lmd.reconstruction_rows(model, projection, images)
+    original, masked_input, reconstruction, pasted = pictures.reconstruction_rows(model, projection, images)
     grey = masked_input == 0.5
     visible = ~grey.all(dim=1, keepdim=True).expand_as(images)
     assert 0.70 < 1 - visible.float().mean() < 0.80                       # ratio 0.75 of 16 tokens
@@ -95,18 +98,18 @@ def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
 def test_unnormalize_tokens_undoes_the_per_token_normalisation():
     targets = torch.randn(2, 5, 16) * 3 + 1
     normalised = (targets - targets.mean(-1, keepdim=True)) / (targets.var(-1, keepdim=True) + 1e-6).sqrt()
-    assert torch.allclose(lmd.unnormalize_tokens(normalised, targets), targets, atol=1e-4)
+    assert torch.allclose(pictures.unnormalize_tokens(normalised, targets), targets, atol=1e-4)
 
 
 def test_token_mask_covers_patch_times_vae_factor_pixels():
     mask = torch.tensor([[1.0, 0.0, 0.0, 1.0]])                        # a 2 x 2 token grid
-    pixels = lmd.token_mask_to_pixels(mask, grid=2, image_size=32)     # 16 px per token
+    pixels = pictures.token_mask_to_pixels(mask, grid=2, image_size=32)     # 16 px per token
     assert pixels.shape == (1, 1, 32, 32)
     assert pixels[0, 0, :16, :16].all() and not pixels[0, 0, :16, 16:].any() and pixels[0, 0, 16:, 16:].all()
 
 
 def test_schedules_figure(tmp_path):
-    path = lmd.plot_schedules(str(tmp_path / "schedules.png"))
+    path = pictures.plot_schedules(str(tmp_path / "schedules.png"))
     assert png_size(path)[0] > 300
 
 

@@ -10,13 +10,15 @@ import time
 import pytest
 import torch
 
-import lmd
+from util import checkpoints
+from util import cli
+from util import datasets
 import train
 from conftest import ROOT, tiny_flags
 
 
 def weights(run_dir):
-    return lmd.load_checkpoint(str(run_dir))["model"]
+    return checkpoints.load_checkpoint(str(run_dir))["model"]
 
 
 def assert_same_weights(a, b):
@@ -29,7 +31,7 @@ def test_stop_and_resume_gives_bit_identical_weights(tmp_path, data_dir):
     """8 steps in one go == 4 steps, stop, resume to 8: model, optimiser, lr and mask schedule, data, masks."""
     train.main(tiny_flags(data_dir, str(tmp_path / "straight"), steps=8, save_every=100))
     train.main(tiny_flags(data_dir, str(tmp_path / "split"), steps=8, save_every=100, stop_after_step=4))
-    assert lmd.load_checkpoint(str(tmp_path / "split"))["step"] == 4
+    assert checkpoints.load_checkpoint(str(tmp_path / "split"))["step"] == 4
     train.main(["--resume", str(tmp_path / "split")])
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
     straight = (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()
@@ -41,7 +43,7 @@ def test_stop_and_resume_gives_bit_identical_weights(tmp_path, data_dir):
 def test_resume_refuses_a_changed_setting(tmp_path, data_dir, capsys):
     train.main(tiny_flags(data_dir, str(tmp_path / "run"), steps=4, stop_after_step=2))
     with pytest.raises(SystemExit) as exit_info:
-        lmd.run_cli(lambda: train.main(["--resume", str(tmp_path / "run"), "--scheduler", "linear"]))
+        cli.run_cli(lambda: train.main(["--resume", str(tmp_path / "run"), "--scheduler", "linear"]))
     assert exit_info.value.code == 2 and "differs from the resumed run" in capsys.readouterr().err
 
 
@@ -58,7 +60,7 @@ def test_sigint_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, data_di
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err[-2000:]
     assert "continue with: python train.py --resume" in err and "Traceback" not in err
-    stopped_at = lmd.load_checkpoint(str(out))["step"]
+    stopped_at = checkpoints.load_checkpoint(str(out))["step"]
     assert 2 <= stopped_at < 500
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped_at
     # the saved state is exactly that of a run told to stop after that step
@@ -78,17 +80,17 @@ def test_sigterm_requests_a_stop():
 KILL_WHILE_SAVING = """
 import sys, torch
 sys.path.insert(0, {root!r})
-import lmd
-big = dict(kind=lmd.CHECKPOINT_KIND, step=2, weights=torch.zeros(40_000_000))
+from util import checkpoints
+big = dict(kind=checkpoints.CHECKPOINT_KIND, step=2, weights=torch.zeros(40_000_000))
 print("saving", flush=True)
 while True:
-    lmd.save_atomic(big, {path!r})
+    checkpoints.save_atomic(big, {path!r})
 """
 
 
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
     path = str(tmp_path / "checkpoint.pt")
-    lmd.save_atomic(dict(kind=lmd.CHECKPOINT_KIND, step=1), path)
+    checkpoints.save_atomic(dict(kind=checkpoints.CHECKPOINT_KIND, step=1), path)
     process = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING.format(root=ROOT, path=path)],
                                stdout=subprocess.PIPE, text=True)
     assert process.stdout.readline().strip() == "saving"
@@ -98,19 +100,19 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tmp_path):
         time.sleep(0.05)
     process.kill()
     process.wait()
-    assert lmd.load_checkpoint(path)["step"] in (1, 2)        # the old one or a complete new one, never half
+    assert checkpoints.load_checkpoint(path)["step"] in (1, 2)        # the old one or a complete new one, never half
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_info:
-        lmd.run_cli(lambda: train.main(tiny_flags(data_dir, str(out), steps=50, save_every=1, warmup_steps=0,
+        cli.run_cli(lambda: train.main(tiny_flags(data_dir, str(out), steps=50, save_every=1, warmup_steps=0,
                                                   lr=1e30)))
     assert exit_info.value.code == 2
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert "loss became" in message and "at step" in message
     bad_step = int(message.split("at step ")[1].split(";")[0])
-    checkpoint = lmd.load_checkpoint(str(out))
+    checkpoint = checkpoints.load_checkpoint(str(out))
     assert checkpoint["step"] == bad_step - 1
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values())
 
@@ -131,14 +133,14 @@ def test_image_folder_with_every_colour_mode(tmp_path):
     make_image_folder(tmp_path / "data")
     train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"), dataset="imagefolder", image_size=64,
                           patch_size=2, steps=2, batch_size=8))
-    assert lmd.load_checkpoint(str(tmp_path / "run"))["step"] == 2
+    assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 2
 
 
 def test_unreadable_image_is_named(tmp_path, capsys):
     make_image_folder(tmp_path / "data", per_class=8)
     (tmp_path / "data" / "train" / "dog" / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(SystemExit):
-        lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"),
+        cli.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"),
                                                   dataset="imagefolder", steps=1, batch_size=8)))
     assert "broken.png" in capsys.readouterr().err
 
@@ -147,8 +149,8 @@ def test_val_classes_must_match_train_classes(tmp_path):
     make_image_folder(tmp_path, per_class=2)
     (tmp_path / "val" / "bird").mkdir()
     (tmp_path / "val" / "dog" / "0.png").rename(tmp_path / "val" / "bird" / "0.png")
-    with pytest.raises(lmd.UserError, match="only in val: \\['bird'\\]"):
-        lmd.load_image_source("imagefolder", str(tmp_path), "val", 64)
+    with pytest.raises(cli.UserError, match="only in val: \\['bird'\\]"):
+        datasets.load_image_source("imagefolder", str(tmp_path), "val", 64)
 
 
 def test_torchrun_two_cpu_processes_then_single_process_resume(tmp_path, data_dir):
@@ -160,6 +162,6 @@ def test_torchrun_two_cpu_processes_then_single_process_resume(tmp_path, data_di
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("LMD: tiny model") == 1                 # rank 0 alone speaks
     assert "2 process(es)" in result.stderr
-    assert lmd.load_checkpoint(str(out))["step"] == 2
+    assert checkpoints.load_checkpoint(str(out))["step"] == 2
     train.main(["--resume", str(out)])
-    assert lmd.load_checkpoint(str(out))["step"] == 4
+    assert checkpoints.load_checkpoint(str(out))["step"] == 4

@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-import lmd
+from util import checkpoints
+from util import cli
+from util import latent_cache
 import train
 from conftest import ROOT, tiny_flags
 
@@ -30,7 +32,7 @@ def test_train_script_writes_metrics_config_and_checkpoint(tmp_path, data_dir):
     assert {"step", "loss", "mask_ratio", "lr"} <= set(lines[0])
     assert lines[0]["mask_ratio"] == pytest.approx(0.15)      # the cosine schedule starts at 0.15 ...
     assert lines[-1]["mask_ratio"] > lines[0]["mask_ratio"]   # ... and grows
-    checkpoint = lmd.load_checkpoint(str(out))
+    checkpoint = checkpoints.load_checkpoint(str(out))
     assert checkpoint["step"] == 6 and set(checkpoint) >= {"model", "optimizer", "config", "rng"}
     assert json.loads((out / "summary.json").read_text())["held_out_loss_at_0_75"] > 0
     cache = os.listdir(os.path.join(data_dir, "lmd_latents"))
@@ -39,7 +41,7 @@ def test_train_script_writes_metrics_config_and_checkpoint(tmp_path, data_dir):
 
 def test_cache_is_rebuilt_when_made_with_another_vae(tmp_path, data_dir, capsys):
     train.main(tiny_flags(data_dir, str(tmp_path / "a"), steps=1))
-    path = lmd.cache_file(data_dir, "synthetic", "train", "tiny", 64, 64)
+    path = latent_cache.cache_file(data_dir, "synthetic", "train", "tiny", 64, 64)
     cache = torch.load(path, weights_only=True)
     cache["provenance"]["vae_fingerprint"] = "another-vae"
     torch.save(cache, path)
@@ -79,7 +81,7 @@ BAD_INPUTS = {
 def test_bad_input_is_one_line_and_exit_2(name, tmp_path, data_dir, capsys):
     extra, message = BAD_INPUTS[name]
     with pytest.raises(SystemExit) as exit_info:
-        lmd.run_cli(lambda: train.main(tiny_flags(data_dir, str(tmp_path / "run")) + extra))
+        cli.run_cli(lambda: train.main(tiny_flags(data_dir, str(tmp_path / "run")) + extra))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert message in err[-1] and "Traceback" not in "\n".join(err)
@@ -88,7 +90,7 @@ def test_bad_input_is_one_line_and_exit_2(name, tmp_path, data_dir, capsys):
 def test_flag_errors_are_one_line_and_come_before_any_encoding(tmp_path, capsys):
     for extra in (["--scheduler", "exponential"], ["--mask-start", "0"]):
         with pytest.raises(SystemExit) as exit_info:
-            lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run")) + extra))
+            cli.run_cli(lambda: train.main(tiny_flags(str(tmp_path / "data"), str(tmp_path / "run")) + extra))
         assert exit_info.value.code == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()                  # nothing was downloaded, encoded or cached
@@ -99,7 +101,7 @@ def test_missing_or_empty_image_folder(tmp_path, capsys):
                                                                  "holds no images")):
         setup()
         with pytest.raises(SystemExit):
-            lmd.run_cli(lambda: train.main(tiny_flags(str(tmp_path), str(tmp_path / "run"), dataset="imagefolder")))
+            cli.run_cli(lambda: train.main(tiny_flags(str(tmp_path), str(tmp_path / "run"), dataset="imagefolder")))
         assert message in capsys.readouterr().err
 
 

@@ -1,0 +1,33 @@
+"""The random choices of a run as pure functions of (seed, step, rank): data order, masks, flips, crops.
+
+Being functions of the step, they make a resumed run see exactly what the uninterrupted run would have seen."""
+
+import torch
+
+
+def epoch_permutation(num_items, seed, epoch):
+    """The data order of one epoch: a permutation that depends only on (seed, epoch)."""
+    return torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def batch_indices(step, num_items, global_batch, seed, rank=0, world_size=1):
+    """The dataset indices of this rank's share of the global batch at `step` [global_batch / world_size].
+
+    Every epoch is a fresh permutation (what DistributedSampler does after set_epoch); each rank takes its own
+    slice of the same global batch. Being a pure function of the step, it makes resuming mid-epoch exact.
+    """
+    steps_per_epoch = num_items // global_batch
+    epoch, position = divmod(step, steps_per_epoch)
+    per_rank = global_batch // world_size
+    start = position * global_batch + rank * per_rank
+    return epoch_permutation(num_items, seed, epoch)[start:start + per_rank]
+
+
+def step_generator(seed, step, rank=0, device="cpu"):
+    """A generator for the random choices of one step (masks, flips), so they too are a function of the step."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+
+
+def augmentation_seed(seed, step, index):
+    """The seed of one image's random crop and flip at one step."""
+    return ((seed * 1_000_003 + step) * 1_000_033 + index) % (2 ** 31)

@@ -1,0 +1,107 @@
+"""Opening the frozen VAE for the scripts: errors that say what to do, a fast offline check, provenance, fingerprint.
+
+lmd.load_projection knows how to build a projection; this module knows what to tell the user when it cannot.
+"""
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import warnings
+
+import torch
+
+import lmd
+from util.cli import UserError
+
+# diffusers passes this deprecated argument to huggingface_hub on every download; the warning is not the user's.
+warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+
+DEFAULT_VAE = lmd.DEFAULT_VAE
+OFFLINE_WAY_OUT = ("run on real images with no download at all: --dataset digits --vae none (pixels) or --vae DIR "
+                   "(a VAE made by tools/train_vae.py); or the smoke test --dataset synthetic --vae tiny")
+
+
+def _hub_reachable(timeout=5.0):
+    """One quick TCP connection instead of the hub client's minute of retries when there is no network."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = os.environ.get("HF_ENDPOINT", "https://huggingface.co").split("://")[-1].split("/")[0]
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _first_line(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
+    """lmd.load_projection for a `--vae` value, with one-line errors, the local Hub cache tried first, and the
+    provenance of a VAE trained by tools/train_vae.py attached as `projection.provenance`."""
+    if vae == "tiny" and announce:
+        print("note: --vae tiny is a randomly initialised, UNTRAINED VAE for smoke tests; "
+              "its latents carry no meaning.", file=sys.stderr)
+    if vae in ("none", "tiny"):
+        projection = lmd.load_projection(vae, device, dtype)
+    elif os.path.isdir(vae):
+        try:
+            projection = lmd.load_projection(vae, device, dtype)
+        except Exception as error:
+            raise UserError(f"could not load a VAE from directory {vae!r} ({_first_line(error)}); it should hold "
+                            "config.json and the weights written by save_pretrained") from None
+    elif vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or os.path.exists(vae):
+        raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
+                        "directory made by save_pretrained or tools/train_vae.py, or 'none' (pixels)")
+    else:
+        projection = _from_hub(vae, device, dtype)
+    projection.provenance = vae_provenance(vae)
+    return projection
+
+
+def _from_hub(vae, device, dtype):
+    try:  # the local Hub cache first: it needs no network
+        return lmd.load_projection(vae, device, dtype, local_files_only=True)
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise UserError(f"could not download the VAE {vae!r}: the Hugging Face Hub is unreachable (offline?). "
+                        f"Pass a local directory with --vae DIR (made by save_pretrained), or {OFFLINE_WAY_OUT}")
+    try:
+        return lmd.load_projection(vae, device, dtype)
+    except Exception as error:
+        raise UserError(f"could not load the VAE {vae!r} from the Hub ({_first_line(error)}); check the id or "
+                        "pass a local directory") from None
+
+
+def vae_provenance(vae):
+    """Where a VAE came from: {'vae': ..., 'trained': bool, ...} plus tools/train_vae.py's training.json if any."""
+    if vae == "none":
+        return dict(vae="none", trained=None)
+    if vae == "tiny":
+        return dict(vae="tiny", trained=False)
+    record = dict(vae=os.path.abspath(vae) if os.path.isdir(vae) else vae, trained=True)
+    report = os.path.join(vae, "training.json") if os.path.isdir(vae) else None
+    if report and os.path.isfile(report):
+        with open(report) as file:
+            trained_here = json.load(file)
+        record.update(trained_by="tools/train_vae.py", **{k: trained_here.get(k) for k in
+                      ("dataset", "data_dir", "image_size", "steps", "seed", "val_psnr_db", "seconds")})
+    return record
+
+
+def fingerprint(projection):
+    """A short hash of the VAE's config and weights, so a latent cache can tell one VAE from another."""
+    if projection.vae is None:
+        return "pixels"
+    # Private keys such as diffusers' `_use_default_values` (built from a set, so its order changes from one
+    # process to the next) say nothing about the VAE and would make the hash unstable.
+    config = {key: value for key, value in projection.vae.config.items() if not key.startswith("_")}
+    digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
+    parameters = list(projection.vae.parameters())
+    for parameter in parameters[:2] + parameters[-2:]:
+        digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
