@@ -1,12 +1,14 @@
 """
-Downstream classification with an LMD encoder: a linear probe or full fine-tuning, on the same latents.
+What pretraining learned, measured on the same latents: the kNN probe, the linear probe, or full fine-tuning.
 
-    python finetune.py --checkpoint runs/lmd --mode linprobe                    # frozen encoder, BN + linear head
-    python finetune.py --checkpoint runs/lmd --mode finetune                    # everything trains, layer decay
-    python finetune.py --checkpoint runs/lmd --mode linprobe --init scratch     # the baseline: random weights
+    python finetune.py --checkpoint runs/lmd --mode knn          # weighted 20-NN on frozen features, seconds
+    python finetune.py --checkpoint runs/lmd --mode linprobe     # frozen encoder, BN + linear head, 90 epochs
+    python finetune.py --checkpoint runs/lmd --mode finetune     # everything trains, layer decay
 
+knn and linprobe also measure the same probe on the same seed's randomly initialised encoder (`scratch_top1`),
+in the same invocation: on small sets random features are strong, and a pretrained number alone says little.
 The VAE, image size, patch size and model size come from the pretraining checkpoint. Writes OUT/results.json
-(top-1 per epoch, best and final, inference throughput) and OUT/classifier.pt (the best epoch's classifier).
+(top-1 best and final; reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
 """
 
 import argparse
@@ -25,6 +27,7 @@ from util import datasets
 from util import devices
 from util import latent_cache
 from util import optim
+from util import probes
 from util import sampling
 from util import vaes
 
@@ -37,14 +40,16 @@ DEFAULTS = dict(
     label_smoothing=None, precision="auto", num_workers=None, device="auto", seed=0, out=None,
 )
 # MAE's recipes. Linear probe: 90 epochs, base lr 0.1, no weight decay (MAE uses LARS for its 16k batches; plain
-# SGD with momentum does the same job for one linear layer at ordinary batch sizes). Fine-tuning: 100 epochs of
+# SGD with momentum does the same job for one linear layer at ordinary batch sizes). kNN trains nothing. Fine-tuning: 100 epochs of
 # AdamW, base lr 5e-4, weight decay 0.05, label smoothing 0.1 (layer decay 0.65 is in DEFAULTS).
 RECIPES = dict(
+    knn=dict(epochs=0, base_lr=0.0, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0),
     linprobe=dict(epochs=90, base_lr=0.1, weight_decay=0.0, warmup_epochs=10, label_smoothing=0.0),
     finetune=dict(epochs=100, base_lr=5e-4, weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1),
 )
 CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
 GEOMETRY = ("vae", "model", "image_size", "patch_size")
+TRAINING_FLAGS = ("epochs", "base_lr", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
 
 
 def build_parser():
@@ -54,9 +59,11 @@ def build_parser():
     add = parser.add_argument
     add("--checkpoint", required=True, metavar="RUN", help="pretraining run directory or its checkpoint.pt")
     add("--mode", choices=RECIPES, default=DEFAULTS["mode"],
-        help="'linprobe': frozen encoder, BatchNorm (no affine) + linear head; 'finetune': all weights train")
+        help="'knn': weighted 20-NN on frozen features; 'linprobe': frozen encoder, BatchNorm (no affine) + linear "
+             "head on cached features; 'finetune': all weights train. knn and linprobe also probe the random init")
     add("--init", choices=("pretrained", "scratch"), default=DEFAULTS["init"],
-        help="'scratch': the same classifier from random weights (the baseline that shows what pretraining buys)")
+        help="finetune: 'scratch' trains the same classifier from random weights (the baseline); the probes "
+             "always measure both")
     add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
@@ -93,6 +100,14 @@ def resolve_config(flags, checkpoint_path, pretrained):
         raise cli.UserError(f"{checkpoint_path!r} has no {', '.join(missing)} in its config; was it written by an "
                             "older train.py? Pretrain again")
     config = {**DEFAULTS, **flags}
+    if config["mode"] != "finetune" and config["init"] == "scratch":
+        raise cli.UserError(f"--mode {config['mode']} already measures the random-init encoder (scratch_top1 in "
+                            "results.json); drop --init scratch")
+    ignored = [flag for flag in TRAINING_FLAGS if flag in flags and config["mode"] == "knn"]
+    if ignored:   # one note, not an error: a sweep script may pass the same flags to every mode
+        print(f"note: --mode knn trains nothing; ignoring --{', --'.join(f.replace('_', '-') for f in ignored)}",
+              file=sys.stderr)
+        config.update({flag: None for flag in ignored})
     for key, value in RECIPES[config["mode"]].items():
         config[key] = value if config[key] is None else config[key]
     for key in GEOMETRY:   # the classifier is the pretrained encoder: its input must be what it was trained on
@@ -113,9 +128,10 @@ def resolve_config(flags, checkpoint_path, pretrained):
         checkpoint_path = os.path.join(checkpoint_path, "checkpoint.pt")
     config["checkpoint"] = os.path.abspath(checkpoint_path)
     run_dir = os.path.dirname(config["checkpoint"])
-    config["out"] = config["out"] or os.path.join(run_dir, f"{config['mode']}-{config['init']}")
+    suffix = f"-{config['init']}" if config["mode"] == "finetune" else ""
+    config["out"] = config["out"] or os.path.join(run_dir, config["mode"] + suffix)
     for flag in ("epochs", "batch_size"):
-        if config[flag] < 1:
+        if config[flag] < (flag == "batch_size" or config["mode"] != "knn"):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     if not 0 < config["layer_decay"] <= 1 or not 0 <= config["label_smoothing"] < 1:
         raise cli.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
@@ -198,56 +214,81 @@ def throughput(classifier, projection, images, device, autocast, repeats=5):
             images_per_second(lambda: classifier(latents)))
 
 
-def main(argv=None):
-    flags = vars(build_parser().parse_args(argv))
-    checkpoint = checkpoints.load_checkpoint(flags["checkpoint"])
-    pretrained = checkpoint["config"]
-    config = resolve_config(flags, flags["checkpoint"], pretrained)
-    dist = devices.Distributed(config["device"])
-    if config["batch_size"] % dist.world_size:
-        raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
-    projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
-    train_data, val_data = (Split(config, split, projection, dist) for split in ("train", "val"))
-    if len(train_data) < config["batch_size"]:
-        raise cli.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
-                            f"(--batch-size {config['batch_size']}); lower --batch-size")
-    torch.manual_seed(config["seed"])   # here, after the data: building a cache draws from the global RNG
+def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe):
+    """The classifier of `init` ('pretrained' or 'scratch'). Both start from the pretraining seed's random weights:
+    the scratch encoder is exactly the encoder that pretraining started from."""
+    torch.manual_seed(checkpoint["config"]["seed"])
     autoencoder = checkpoints.build_model(config, projection)
-    if config["init"] == "pretrained":
+    if init == "pretrained":
         checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
-    linear_probe = config["mode"] == "linprobe"
-    classifier = lmd.LatentClassifier(autoencoder, len(train_data.classes), linear_probe).to(dist.device)
-    groups = optim.layer_decay_groups(classifier, config["weight_decay"], 1.0 if linear_probe else config["layer_decay"])
-    optimizer = (torch.optim.SGD(groups, lr=config["lr"], momentum=0.9) if linear_probe else
-                 torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999)))
+    torch.manual_seed(config["seed"])   # the head's initialisation
+    return lmd.LatentClassifier(autoencoder, num_classes, linear_probe)
+
+
+def split_features(classifier, data, dist, flips):
+    """Probe features of a whole split, each process computing every world_size-th image, then gathered:
+    -> features [N, len(flips), width] (one view per flip value), labels [N]."""
+    mine = torch.arange(dist.rank, len(data), dist.world_size)
+    chunks = mine.split(256)
+    views = [probes.encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]))
+             for flip in flips]
+    features, labels = torch.stack([v[0] for v in views], dim=1), views[0][1]
+    if dist.enabled:   # equal-length pieces for all_gather (padding with the last row), then back in index order
+        size = (len(data) + dist.world_size - 1) // dist.world_size
+        pieces = [torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])]) for t in (features, labels)]
+        gathered = [dist.all_gather(piece) for piece in pieces]
+        order = torch.arange(size * dist.world_size).reshape(dist.world_size, size).T.reshape(-1)
+        features, labels = (g[order][:len(data)] for g in gathered)
+    return features, labels
+
+
+def run_probes(config, checkpoint, projection, train_data, val_data, dist):
+    """knn or linprobe of the pretrained encoder and of its random init -> the results.json fields."""
+    flips = (0,) if config["mode"] == "knn" or config["dataset"] in datasets.NO_FLIP else (0, 1)
+    results = {}
+    for init in ("pretrained", "scratch"):
+        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True)
+        classifier = classifier.to(dist.device)
+        train_features, train_labels = split_features(classifier, train_data, dist, flips)
+        val_features, val_labels = split_features(classifier, val_data, dist, (0,))
+        if config["mode"] == "knn":
+            top1 = probes.knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels)
+            summary, history = dict(best=top1, final=top1), []
+        else:
+            history = probes.linear_probe(train_features, train_labels, val_features[:, 0], val_labels,
+                                          config["epochs"], config["batch_size"], config["base_lr"] if config["lr"]
+                                          is None else config["lr"] * 256 / config["batch_size"],
+                                          config["warmup_epochs"], config["seed"], len(train_data.classes))
+            summary = probes.summarise(history)
+        results["top1" if init == "pretrained" else "scratch_top1"] = summary
+        results["history" if init == "pretrained" else "scratch_history"] = history
+        if dist.is_main:
+            print(f"{config['mode']} top-1, {init} encoder: {summary['final']:.4f} (val {len(val_data)} images, "
+                  f"standard error {probes.standard_error(summary['final'], len(val_data)):.4f})", file=sys.stderr)
+    return results, classifier
+
+
+def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, autocast):
+    """Full fine-tuning (or --init scratch) with layer decay -> the results.json fields. Saves the best epoch."""
+    groups = optim.layer_decay_groups(classifier, config["weight_decay"], config["layer_decay"])
+    optimizer = torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999))
     train_model = torch.nn.parallel.DistributedDataParallel(classifier) if dist.enabled else classifier
-    autocast = devices.autocast_dtype(config["precision"], dist.device)
     steps_per_epoch = len(train_data) // config["batch_size"]
     if config["warmup_epochs"] >= config["epochs"] and dist.is_main:   # the lr would never reach its peak
         print(f"note: --warmup-epochs {config['warmup_epochs']} is not below --epochs {config['epochs']}; warming up "
               f"over the first tenth of training instead", file=sys.stderr)
     warmup_epochs = config["warmup_epochs"] if config["warmup_epochs"] < config["epochs"] else config["epochs"] / 10
     total_steps, warmup_steps = config["epochs"] * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    checkpoint_step = checkpoint.get("step", pretrained.get("steps"))
-    if dist.is_main:
-        os.makedirs(config["out"], exist_ok=True)
-        if checkpoint_step != pretrained.get("steps"):
-            print(f"note: the checkpoint is from step {checkpoint_step} of {pretrained.get('steps')} (unfinished run)",
-                  file=sys.stderr)
-        print(f"{config['mode']} of a {config['init']} {config['model']} encoder on {config['dataset']} "
-              f"({len(train_data)} train / {len(val_data)} val images, {len(train_data.classes)} classes), "
-              f"{config['epochs']} epochs of {steps_per_epoch} steps, lr {config['lr']:.3g}, "
-              f"{dist.world_size} process(es) on {dist.device}", file=sys.stderr)
-
+    no_flip = config["dataset"] in datasets.NO_FLIP
     from tqdm import tqdm
-    history, best, started = [], -1.0, time.time()
+    history, best = [], -1.0
     bar = tqdm(total=total_steps, desc=config["mode"], disable=not dist.is_main, dynamic_ncols=True)
     for epoch in range(config["epochs"]):
         steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
         indices = [sampling.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
-                                     dist.world_size) for step in steps]
+                                          dist.world_size) for step in steps]
         flips = [torch.randint(0, 2, (len(i),), generator=sampling.step_generator(config["seed"], step, dist.rank))
-                 for i, step in zip(indices, steps)]
+                 * (not no_flip) for i, step in zip(indices, steps)]
         train_model.train()
         loss_sum = 0.0
         for step, (inputs, labels) in zip(steps, train_data.batches(indices, flips)):
@@ -267,31 +308,67 @@ def main(argv=None):
         top1 = evaluate(classifier, val_data, config["batch_size"], dist, autocast)
         history.append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, top1=top1))
         if top1 > best and dist.is_main:   # keep the best epoch's classifier
-            checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1, top1=top1,
-                                 classes=train_data.classes, config=config, pretraining_config=pretrained,
-                                 torch_version=torch.__version__), os.path.join(config["out"], "classifier.pt"))
+            checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1,
+                                         top1=top1, classes=train_data.classes, config=config,
+                                         pretraining_config=checkpoint["config"], torch_version=torch.__version__),
+                                    os.path.join(config["out"], "classifier.pt"))
         best = max(best, top1)
         bar.write(f"epoch {epoch + 1}/{config['epochs']}: train loss {history[-1]['train_loss']:.4f}, "
                   f"val top-1 {top1:.4f} (best {best:.4f})", file=sys.stderr)
     bar.close()
+    return dict(top1=probes.summarise(history), history=history)
+
+
+def main(argv=None):
+    flags = vars(build_parser().parse_args(argv))
+    checkpoint = checkpoints.load_checkpoint(flags["checkpoint"])
+    pretrained = checkpoint["config"]
+    config = resolve_config(flags, flags["checkpoint"], pretrained)
+    dist = devices.Distributed(config["device"])
+    if config["batch_size"] % dist.world_size:
+        raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
+    projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
+    train_data, val_data = (Split(config, split, projection, dist) for split in ("train", "val"))
+    if len(train_data) < config["batch_size"] and config["mode"] == "finetune":
+        raise cli.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
+                            f"(--batch-size {config['batch_size']}); lower --batch-size")
+    autocast = devices.autocast_dtype(config["precision"], dist.device)
     if dist.is_main:
-        batch = torch.stack([val_data.images[i][0] for i in range(min(config["batch_size"], len(val_data)))])
+        os.makedirs(config["out"], exist_ok=True)
+        if checkpoint.get("step", pretrained.get("steps")) != pretrained.get("steps"):
+            print(f"note: the checkpoint is from step {checkpoint['step']} of {pretrained.get('steps')} (unfinished "
+                  "run)", file=sys.stderr)
+        print(f"{config['mode']} of a {config['model']} encoder on {config['dataset']} ({len(train_data)} train / "
+              f"{len(val_data)} val images, {len(train_data.classes)} classes), {dist.world_size} process(es) on "
+              f"{dist.device}", file=sys.stderr)
+    started = time.time()
+    if config["mode"] == "finetune":
+        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), config["init"], False)
+        fields = run_finetune(config, checkpoint, train_data, val_data, dist, classifier.to(dist.device), autocast)
+    else:
+        fields, classifier = run_probes(config, checkpoint, projection, train_data, val_data, dist)
+    if dist.is_main:
+        results = dict(**fields, mode=config["mode"], init=config["init"], epochs=config["epochs"],
+                       checkpoint=config["checkpoint"], dataset=config["dataset"], vae=config["vae"],
+                       model=config["model"], num_classes=len(train_data.classes), val_images=len(val_data),
+                       device=str(dist.device), world_size=dist.world_size, minutes=(time.time() - started) / 60,
+                       config=config)
+        path = os.path.join(config["out"], "results.json")
+        write_json(results, path)   # before the optional measurement below: nothing is lost if it fails
+        batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
         with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast)
-        results = dict(
-            top1=dict(best=best, final=history[-1]["top1"],
-                      best_epoch=1 + max(range(len(history)), key=lambda i: history[i]["top1"])),
-            mode=config["mode"], init=config["init"], epochs=config["epochs"], checkpoint=config["checkpoint"],
-            dataset=config["dataset"], vae=config["vae"], model=config["model"], num_classes=len(train_data.classes),
-            images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
-            throughput_batch_size=len(batch), device=str(dist.device), world_size=dist.world_size,
-            minutes=(time.time() - started) / 60, history=history, config=config)
-        with open(os.path.join(config["out"], "results.json"), "w") as file:
-            json.dump(results, file, indent=2)
-        print(f"done: top-1 best {best:.4f}, final {history[-1]['top1']:.4f}; inference {with_vae:.0f} images/s "
-              f"with the VAE encoding, {latents_only:.0f} images/s from latents; {config['out']}/results.json",
-              file=sys.stderr)
+        write_json(dict(results, images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
+                        throughput_batch_size=len(batch)), path)
+        scratch = f", random init {results['scratch_top1']['final']:.4f}" if "scratch_top1" in results else ""
+        print(f"done: {config['mode']} top-1 {results['top1']['final']:.4f}{scratch}; inference {with_vae:.0f} "
+              f"images/s with the VAE encoding, {latents_only:.0f} from latents; {path}", file=sys.stderr)
     if dist.enabled:
         torch.distributed.destroy_process_group()
+
+
+def write_json(obj, path):
+    with open(path, "w") as file:
+        json.dump(obj, file, indent=2)
 
 
 if __name__ == "__main__":

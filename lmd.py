@@ -322,13 +322,19 @@ class MaskedLatentViT(nn.Module):
         return loss, predictions, mask
 
 
-class LatentClassifier(nn.Module):
-    """The downstream classifier: a pretrained (or fresh) encoder, average pooling over patch tokens, a head.
+#################################################################################
+#                                5. The classifier                              #
+#################################################################################
 
-    `linear_probe=True` is MAE's recipe: the encoder is frozen and stays in eval mode, the head is BatchNorm
-    without affine parameters, then a linear layer. Otherwise a LayerNorm and a linear layer, and everything trains.
-    The autoencoder's decoder only serves pretraining: it is removed from `autoencoder` (in place), so that the
-    optimiser, DDP and the saved classifier never see it.
+class LatentClassifier(nn.Module):
+    """The downstream classifier: the pretrained (or a fresh) encoder on all tokens, its features, a head.
+
+    The features are defined here, once for every use:
+    - a probe (`linear_probe=True`, and the kNN probe) reads the class token after the encoder's final norm, with
+      the encoder frozen in eval mode; the head is BatchNorm without affine parameters, then a linear layer (MAE);
+    - fine-tuning reads the mean of the patch tokens, then a fresh LayerNorm and a linear layer; all of it trains.
+    The decoder only serves pretraining: it is removed from `autoencoder` (in place), so that the optimiser, DDP
+    and the saved classifier never see it.
     """
 
     def __init__(self, autoencoder, num_classes, linear_probe=False):
@@ -346,8 +352,9 @@ class LatentClassifier(nn.Module):
         nn.init.zeros_(self.head[1].bias)
 
     def features(self, latents):
-        """latents [B, C, H, W] -> pooled features [B, width], the mean over all (unmasked) patch tokens."""
-        return self.encoder.encode_tokens(self.encoder.embed(latents))[:, 1:].mean(dim=1)
+        """latents [B, C, H, W] -> [B, width]: the class token (probes) or the mean patch token (fine-tuning)."""
+        encoded = self.encoder.encode_tokens(self.encoder.embed(latents))   # [B, 1 + L, width], after the norm
+        return encoded[:, 0] if self.linear_probe else encoded[:, 1:].mean(dim=1)
 
     def forward(self, latents):
         """latents [B, C, H, W] -> logits [B, num_classes]."""
@@ -361,7 +368,7 @@ class LatentClassifier(nn.Module):
 
 
 #################################################################################
-#                                 5. Schedulers                                 #
+#                                 6. Schedulers                                 #
 #################################################################################
 
 SCHEDULERS = ("constant", "linear", "piecewise", "cosine")
@@ -418,7 +425,7 @@ class MaskSchedule:
 
 
 #################################################################################
-#                                    6. Loss                                    #
+#                                    7. Loss                                    #
 #################################################################################
 
 def masked_token_loss(predictions, targets, mask, normalize_targets=True):

@@ -68,10 +68,10 @@ def build_parser():
                            "the latent cache is written under DIR/lmd_latents")
     add("--vae", help="Hub id or local directory of a diffusers AutoencoderKL/AutoencoderTiny; 'tiny' = small "
                       "untrained VAE for offline tests; 'none' = pixel space (the pixel MAE baseline)")
-    add("--image-size", type=int, help="images are resized to this (default: 128 for CIFAR, 224 for imagefolder, "
-                                       "64 for synthetic)")
-    add("--patch-size", type=int, help="patch side on the latent grid (pixels with --vae none); default 2 for "
-                                       "CIFAR/synthetic latents, 4 for imagefolder; 4x that with --vae none")
+    add("--image-size", type=int, help="images are resized to this (default: 128 for CIFAR, 32 for MNIST and "
+                                       "digits, 224 for imagefolder, 64 for synthetic)")
+    add("--patch-size", type=int, help="patch side on the latent grid (pixels with --vae none); default: the "
+        "largest of 4, 2, 1 leaving at least 4x4 tokens, and in pixels that times 8/2 (224 px: 4 latent, 16 px)")
     add("--model", choices=lmd.MODEL_SIZES, help="model size (base is the paper's ViT-B encoder)")
     add("--steps", type=int, help="total optimizer steps")
     add("--batch-size", type=int, help="global batch size (split across processes under torchrun)")
@@ -84,9 +84,9 @@ def build_parser():
     add("--cache", action=argparse.BooleanOptionalAction,
         help="encode each image (and its flip) once and train on the cached latents; --no-cache encodes "
              "every step and allows full augmentation")
-    add("--augment", choices=("auto", "flip", "full"),
-        help="'flip': resize + horizontal flip; 'full': random resized crop + flip (needs --no-cache); "
-             "'auto': flip when caching, full otherwise")
+    add("--augment", choices=("auto", *datasets.AUGMENTATIONS),
+        help="'flip': resize + horizontal flip; 'crop': random resized crop; 'full': crop + flip (crops need "
+             "--no-cache or --vae none); 'auto': the crops where possible, the flip except for digit sets")
     add("--precision", choices=("auto", "fp32", "bf16"), help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
     add("--compile", action=argparse.BooleanOptionalAction,
         help="torch.compile the transformer blocks (opt-in; the first steps are slow while it compiles)")
@@ -117,16 +117,14 @@ def parse_flags(argv=None):
 def resolve_config(flags, given):
     """The run's full config: the flags, the per-dataset defaults, and everything derived from them."""
     config = {k: v for k, v in flags.items() if k != "resume"}
-    defaults = datasets.DATASET_DEFAULTS[config["dataset"]]
-    config["image_size"] = config["image_size"] or defaults["image_size"]
-    config["patch_size"] = config["patch_size"] or datasets.default_patch_size(config["dataset"], config["vae"])
+    config["image_size"] = config["image_size"] or datasets.DEFAULT_IMAGE_SIZE[config["dataset"]]
     config["warmup_steps"] = config["warmup_steps"] if config["warmup_steps"] is not None else config["steps"] // 20
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
     config["cache"] = config["cache"] and config["vae"] != "none"   # pixels need no encoding
-    if config["augment"] == "auto":
-        config["augment"] = "full" if given and flags.get("cache") is False else "flip"
-    if config["augment"] == "full" and config["cache"]:
-        raise cli.UserError("--augment full (random resized crops) cannot be cached; add --no-cache")
+    if config["augment"] == "auto":   # decided from the effective cache setting (pixels are never cached)
+        config["augment"] = datasets.default_augment(config["dataset"], config["cache"])
+    if config["augment"] in ("crop", "full") and config["cache"]:
+        raise cli.UserError(f"--augment {config['augment']} (random resized crops) cannot be cached; add --no-cache")
     for flag in ("steps", "batch_size", "log_every", "save_every"):
         if config[flag] < 1:
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
@@ -210,6 +208,7 @@ class TrainingBatches:
         indices = self._indices(step)
         generator = sampling.step_generator(self.config["seed"], step, self.dist.rank)
         flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
+        flips *= self.config["augment"] == "flip"                            # digit sets: never the mirror image
         batch = self.cache["latents"][indices, flips]
         if device.type == "cuda":
             batch = batch.pin_memory()
@@ -289,6 +288,9 @@ def build_run(config, checkpoint, dist):
     """The projection, model and optimizer of a run, restored from `checkpoint` when resuming."""
     torch.manual_seed(config["seed"])
     projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
+    config["patch_size"] = config["patch_size"] or datasets.default_patch_size(config["image_size"],
+                                                                               projection.downsample)
+    config["vae_provenance"] = checkpoint["config"].get("vae_provenance") if checkpoint else projection.provenance
     model = checkpoints.build_model(config, projection).to(dist.device)
     optimizer = torch.optim.AdamW(optim.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(0.9, 0.95), fused=dist.device.type in ("cuda", "cpu"))

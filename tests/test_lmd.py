@@ -1,5 +1,6 @@
 """Unit tests of lmd.py: patches, masking, schedulers, loss, the model, the VAE projection, data and checkpoints."""
 
+import copy
 import math
 
 import pytest
@@ -175,10 +176,18 @@ def test_registry_sizes(size):
     assert lmd.MODEL_SIZES["base"] == dict(encoder=(768, 12, 12), decoder=(512, 8, 16))
 
 
-def test_classifier_pools_patch_tokens():
-    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
-    classifier = lmd.LatentClassifier(model, num_classes=10, linear_probe=True)
-    assert classifier(torch.randn(4, 4, 8, 8)).shape == (4, 10)
+def test_classifier_features_are_the_class_token_for_probes_and_the_mean_patch_token_for_finetuning():
+    torch.manual_seed(0)
+    latents = torch.randn(4, 4, 8, 8)
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4).eval()
+    encoded = model.encode_tokens(model.embed(latents))                  # [4, 1 + 16, 192], after the final norm
+    probe = lmd.LatentClassifier(copy.deepcopy(model), num_classes=10, linear_probe=True).eval()
+    finetune = lmd.LatentClassifier(copy.deepcopy(model), num_classes=10).eval()
+    assert torch.allclose(probe.features(latents), encoded[:, 0], atol=1e-5)
+    assert torch.allclose(finetune.features(latents), encoded[:, 1:].mean(dim=1), atol=1e-5)
+    assert probe(latents).shape == finetune(latents).shape == (4, 10)
+    assert not any(p.requires_grad for p in probe.encoder.parameters())
+    assert not hasattr(probe.encoder, "decoder_blocks")
 
 
 # ----------------------------------------------------------------------------- latent projection

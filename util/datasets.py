@@ -1,27 +1,43 @@
 """Images for pretraining and classification: CIFAR, MNIST, digits, image folders and a procedural smoke-test set."""
 
+import hashlib
 import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 from util.cli import UserError
 
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
-
-DATASET_DEFAULTS = {
-    "cifar10": dict(image_size=128, latent_patch=2, pixel_patch=8),
-    "cifar100": dict(image_size=128, latent_patch=2, pixel_patch=8),
-    "imagefolder": dict(image_size=224, latent_patch=4, pixel_patch=16),
-    "synthetic": dict(image_size=64, latent_patch=2, pixel_patch=8),
-}
-
+DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "digits", "imagefolder", "synthetic")
+# 32 px sets are upsampled to 128 px so that a KL-f8 VAE gives a 16 x 16 latent grid; the small grey sets stay at 32.
+DEFAULT_IMAGE_SIZE = {"cifar10": 128, "cifar100": 128, "mnist": 32, "fashion-mnist": 32, "digits": 32,
+                      "imagefolder": 224, "synthetic": 64}
+# A mirrored digit is not a digit (and a mirrored shoe is another shoe): these sets get no flip augmentation.
+NO_FLIP = ("mnist", "fashion-mnist", "digits")
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bar", "two-dots")
+# Bumped whenever a generated or package-shipped set changes, so that a latent cache made from the old one is rebuilt.
+SOURCE_VERSIONS = {"synthetic": 1, "digits": 1, "mnist": 1, "fashion-mnist": 1}
+DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION = 0, 0.2
+PAPER_VAE_FACTOR = 8   # the SD VAE's downsampling: what the pixel patch of --vae none is sized against
 
-def default_patch_size(dataset, vae):
-    key = "pixel_patch" if vae == "none" else "latent_patch"
-    return DATASET_DEFAULTS[dataset][key]
+
+def default_latent_patch(grid):
+    """The largest patch (4, 2 or 1) that leaves at least a 4 x 4 token grid: 28 x 28 latents (224 px) -> 4."""
+    return next((p for p in (4, 2) if grid % p == 0 and grid // p >= 4), 1)
+
+
+def default_patch_size(image_size, downsample):
+    """The patch side when --patch-size is not given, from the image size and the VAE's factor alone.
+
+    On latents: default_latent_patch of the latent grid (at least 16 tokens). In pixels (downsample 1): the latent
+    patch an SD VAE would get, times its factor / 2, so a pixel token covers a quarter of a latent token's area, as
+    in the paper (16 px against 4 latent cells of 8 px). 224 px: 4 on latents, 16 in pixels; 32 px: 4 in pixels.
+    """
+    if downsample > 1:
+        return default_latent_patch(image_size // downsample)
+    return max(1, default_latent_patch(max(image_size // PAPER_VAE_FACTOR, 1)) * PAPER_VAE_FACTOR // 2)
 
 
 def check_geometry(image_size, downsample, patch_size):
@@ -96,17 +112,80 @@ class SyntheticShapes(torch.utils.data.Dataset):
         return synthetic_image(self.offset + index, self.image_size, self.seed)
 
 
-def _image_transform(image_size, augment):
-    """augment: 'none' (resize), 'flip' (resize + random horizontal flip) or 'full' (random resized crop + flip)."""
+class Digits(torch.utils.data.Dataset):
+    """scikit-learn's 1,797 real handwritten digits (8 x 8, 16 grey levels), upsampled to [3, S, S] in [0, 1].
+
+    Shipped inside scikit-learn, so it needs no download: the offline real set. The split is fixed and stratified
+    (a fifth of each class is validation).
+    """
+
+    def __init__(self, split="train", image_size=32):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1)   # [1797, 1, 8, 8]
+        labels = torch.tensor(digits.target)
+        train, val = train_test_split(range(len(labels)), test_size=DIGITS_VAL_FRACTION,
+                                      random_state=DIGITS_SPLIT_SEED, stratify=labels.numpy())
+        keep = torch.tensor(train if split == "train" else val)
+        upsampled = F.interpolate(images[keep], size=(image_size, image_size), mode="bilinear", align_corners=False)
+        self.images = upsampled.clamp(0, 1).expand(-1, 3, -1, -1)
+        self.targets = labels[keep].tolist()
+        self.classes = [str(digit) for digit in range(10)]
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        return self.images[index], self.targets[index]
+
+
+def load_mnist(dataset, data_dir, split):
+    """MNIST or Fashion-MNIST through torchvision: 28 px grey, padded to 32 px (ImageDataset makes it RGB).
+
+    Reads DATA_DIR/MNIST/raw (or FashionMNIST/raw) when the files are there, with no network; downloads otherwise.
+    """
+    import torchvision
+    from torchvision import transforms
+    cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
+    try:
+        return cls(data_dir, train=(split == "train"), download=True, transform=transforms.Pad(2))
+    except Exception as error:
+        raise download_error(dataset, data_dir, error, os.path.join(cls.__name__, "raw")) from None
+
+
+def download_error(dataset, data_dir, error, folder):
+    """The one-line error of a failed download: what failed, where the files would go, and the offline way out."""
+    from util.vaes import OFFLINE_WAY_OUT
+    return UserError(f"could not download {dataset} into {data_dir!r} ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}). Offline? Put the files in "
+                     f"{os.path.join(data_dir, folder)}, or {OFFLINE_WAY_OUT}")
+
+
+AUGMENTATIONS = ("none", "flip", "crop", "full")
+
+
+def image_transform(image_size, augment):
+    """augment: 'none' (resize), 'flip' (+ random horizontal flip), 'crop' (random resized crop, MAE's scale
+    0.2-1) or 'full' (crop + flip)."""
     from torchvision import transforms
     steps = [transforms.ToTensor()]
-    if augment == "full":
+    if augment in ("crop", "full"):
         steps.append(transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True))
     else:
         steps.append(transforms.Resize((image_size, image_size), antialias=True))
     if augment in ("flip", "full"):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)
+
+
+def default_augment(dataset, cached):
+    """MAE's augmentation where it is possible: random resized crops need images (not cached latents); a flip
+    only for sets whose mirror images are still members of their class."""
+    crop = "none" if cached else "crop"
+    if dataset in NO_FLIP:
+        return crop
+    return "flip" if cached else "full"
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -119,7 +198,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, source, image_size, augment="none"):
         self.source, self.image_size = source, image_size
-        self.transform = _image_transform(image_size, augment)
+        self.transform = image_transform(image_size, augment)
         self.classes = source.classes
 
     def __len__(self):
@@ -139,24 +218,58 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000):
-    """The raw dataset for `split` ('train' or 'val'): items are (PIL image or tensor, label), with `.classes`."""
+    """The raw dataset for `split` ('train' or 'val'): items are (PIL image or tensor, label), with `.classes`.
+
+    It also carries `.provenance`: what a latent cache must match to be reused (see source_provenance).
+    """
     import torchvision
     if dataset == "synthetic":
-        return SyntheticShapes(split, image_size, synthetic_size)
-    if dataset in ("cifar10", "cifar100"):
+        source = SyntheticShapes(split, image_size, synthetic_size)
+    elif dataset == "digits":
+        source = Digits(split, image_size)
+    elif dataset in ("mnist", "fashion-mnist"):
+        source = load_mnist(dataset, data_dir, split)
+    elif dataset in ("cifar10", "cifar100"):
         cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
         try:
-            return cls(data_dir, train=(split == "train"), download=True)
+            source = cls(data_dir, train=(split == "train"), download=True)
         except Exception as error:  # urllib and checksum errors: one line, and the way out
-            raise UserError(f"could not download {dataset} into {data_dir!r} ({type(error).__name__}: {error}). "
-                            f"Offline? Put the extracted {cls.base_folder} folder in --data-dir, or run with no "
-                            "download at all: --dataset synthetic --vae tiny") from None
-    if dataset == "imagefolder":
-        images = load_image_folder(os.path.join(data_dir, split))
+            raise download_error(dataset, data_dir, error, cls.base_folder) from None
+    elif dataset == "imagefolder":
+        source = load_image_folder(os.path.join(data_dir, split))
         if split != "train":
-            check_same_classes(os.path.join(data_dir, "train"), images)
-        return images
-    raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+            check_same_classes(os.path.join(data_dir, "train"), source)
+    else:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    source.provenance = source_provenance(dataset, source, synthetic_size)
+    return source
+
+
+def source_provenance(dataset, source, synthetic_size):
+    """What identifies the images of a source: a version and split seed for generated and shipped sets, the
+    size of the synthetic set, and for an image folder a fingerprint of its file list (names, sizes, times)."""
+    if dataset in SOURCE_VERSIONS:
+        record = dict(version=SOURCE_VERSIONS[dataset], count=len(source))
+        if dataset == "digits":
+            record.update(split_seed=DIGITS_SPLIT_SEED, val_fraction=DIGITS_VAL_FRACTION)
+        if dataset == "synthetic":
+            record.update(seed=source.seed, synthetic_size=synthetic_size)
+        return record
+    if dataset == "imagefolder":
+        digest = hashlib.sha1()
+        for path, label in source.samples:
+            info = os.stat(path)
+            digest.update(f"{os.path.relpath(path, source.root)}|{info.st_size}|{info.st_mtime_ns}|{label}\n".encode())
+        return dict(files=len(source.samples), file_list_sha1=digest.hexdigest()[:16])
+    return dict(count=len(source))   # CIFAR: torchvision checks the files' checksums itself
+
+
+def load_image_tensors(dataset, data_dir, split, image_size):
+    """A whole (small) split in memory, un-augmented: images [N, 3, S, S] float in [0, 1], labels [N] long."""
+    images = ImageDataset(load_image_source(dataset, data_dir, split, image_size), image_size)
+    loader = torch.utils.data.DataLoader(images, batch_size=256)
+    batches = list(loader)
+    return torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches]).long()
 
 
 def load_image_folder(folder):

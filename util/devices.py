@@ -61,6 +61,13 @@ class Distributed:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
         return bool(tensor.item())
 
+    def all_gather(self, tensor):
+        """tensor [n, ...] (the same shape on every rank) -> [world_size * n, ...] on the CPU, rank 0's rows first."""
+        device = self.device if self.device.type == "cuda" else "cpu"   # gloo gathers CPU tensors, NCCL CUDA ones
+        pieces = [torch.empty_like(tensor, device=device) for _ in range(self.world_size)]
+        torch.distributed.all_gather(pieces, tensor.to(device).contiguous())
+        return torch.cat(pieces).cpu()
+
 
 def compile_transformer_blocks(model):
     """torch.compile every transformer block in place (where nearly all the FLOPs are), not the whole model.

@@ -1,0 +1,99 @@
+"""Probes of a frozen encoder: what pretraining learned, always measured beside the same encoder at random init.
+
+Both probes read lmd.LatentClassifier's probe features (the class token after the encoder's final norm). The
+encoder is frozen, so its features are computed once per image (and per flip) and the probes work on those:
+- kNN (DINO): L2-normalised features, cosine similarity to every training feature, the k = 20 nearest vote with
+  weights exp(similarity / 0.07). No training; deterministic.
+- linear probe (MAE): BatchNorm without affine parameters + a linear layer, SGD with momentum, warm-up then cosine,
+  90 epochs. On cached features an epoch is a few matrix products, so the probe converges in seconds.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from util.optim import learning_rate
+
+
+@torch.no_grad()
+def encoder_features(classifier, batches):
+    """Probe features of every batch: batches yields (inputs [B, C, h, w], labels [B]) -> features [N, width] on
+    the CPU (float32), labels [N]."""
+    classifier.eval()
+    features, labels = [], []
+    for inputs, label in batches:
+        features.append(classifier.features(inputs).float().cpu())
+        labels.append(label.cpu())
+    return torch.cat(features), torch.cat(labels)
+
+
+@torch.no_grad()
+def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, chunk=1024):
+    """Weighted k-nearest-neighbour top-1 (DINO's protocol) -> fraction in [0, 1].
+
+    train_features [N, D], val_features [M, D]; each validation image's k most similar training images (cosine
+    similarity) vote for their class with weight exp(similarity / temperature).
+    """
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    train = F.normalize(train_features.float(), dim=1)
+    correct = 0
+    for start in range(0, len(val_features), chunk):
+        query = F.normalize(val_features[start:start + chunk].float(), dim=1)
+        similarity, index = (query @ train.T).topk(min(k, len(train)), dim=1)     # [m, k]
+        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_labels[index],
+                                                                  (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1) == val_labels[start:start + chunk]).sum().item()
+    return correct / len(val_features)
+
+
+def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.1,
+                 warmup_epochs=10, seed=0, num_classes=None):
+    """MAE's linear probe on cached features -> history [dict(epoch, top1)], the top-1 after each epoch.
+
+    train_features [N, F, D]: F views per image (F = 2 with the mirror image, 1 without); each epoch draws one
+    view per image, which is the flip augmentation. val_features [M, D]. SGD with momentum 0.9, no weight decay,
+    lr = base_lr * batch_size / 256.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    num_items, num_views, width = train_features.shape
+    num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False, eps=1e-6),
+                                   torch.nn.Linear(width, num_classes))
+    torch.nn.init.normal_(head[1].weight, std=0.01)
+    torch.nn.init.zeros_(head[1].bias)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9)
+    batch_size = min(batch_size, num_items)
+    steps_per_epoch = num_items // batch_size
+    total, warmup = epochs * steps_per_epoch, warmup_epochs * steps_per_epoch
+    peak_lr, history = base_lr * batch_size / 256, []
+    for epoch in range(epochs):
+        head.train()
+        order = torch.randperm(num_items, generator=generator)
+        views = torch.randint(0, num_views, (num_items,), generator=generator)
+        for position in range(steps_per_epoch):
+            step = epoch * steps_per_epoch + position
+            optimizer.param_groups[0]["lr"] = learning_rate(step, total, min(warmup, total - 1), peak_lr)
+            chosen = order[position * batch_size:(position + 1) * batch_size]
+            loss = F.cross_entropy(head(train_features[chosen, views[chosen]]), train_labels[chosen])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        head.eval()
+        with torch.no_grad():
+            top1 = (head(val_features).argmax(dim=1) == val_labels).float().mean().item()
+        history.append(dict(epoch=epoch + 1, top1=top1))
+    return history
+
+
+def summarise(history):
+    """top-1 history -> dict(best, final, best_epoch). Reports use `final`: `best` is picked on val."""
+    best = max(range(len(history)), key=lambda i: history[i]["top1"])
+    return dict(best=history[best]["top1"], final=history[-1]["top1"], best_epoch=history[best]["epoch"])
+
+
+def standard_error(top1, count):
+    """The binomial standard error of a top-1 measured on `count` images."""
+    return math.sqrt(max(top1 * (1 - top1), 1e-12) / count)
