@@ -16,9 +16,12 @@ def cache_file(data_dir, dataset, split, vae, image_size, count):
     return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count}-{slug}-{image_size}px.pt")
 
 
-def cache_provenance(dataset, split, projection, image_size, count):
+def cache_provenance(dataset, split, projection, image_size, source):
+    """What a cache must match to be reused: the images (source.provenance: a version and split seed, or a
+    folder's file list), the VAE (its weights' fingerprint) and the geometry."""
     return dict(dataset=dataset, split=split, vae=projection.name, vae_fingerprint=fingerprint(projection),
-                image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16", count=count)
+                image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16", count=len(source),
+                data=source.provenance)
 
 
 @torch.no_grad()
@@ -69,7 +72,7 @@ def dataset_latents(config, split, projection, dist, source=None):
     source = source or load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
                                          config.get("synthetic_size", 5000))
     path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"], len(source))
-    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], len(source))
+    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
     build = lambda: encode_dataset(ImageDataset(source, config["image_size"]), projection, dist.device,  # noqa: E731
                                    description=f"encoding {config['dataset']} {split} latents")
     if dist.is_main:

@@ -1,0 +1,148 @@
+"""The datasets: real digits offline, MNIST from local raw files, the patch defaults, the augmentation actually
+applied, and latent caches that follow their content (and whose labels line up with their images)."""
+
+import gzip
+import os
+import struct
+
+import pytest
+import torch
+from PIL import Image
+
+import lmd
+import train
+from util import cli, datasets, latent_cache, devices
+
+
+def test_digits_are_real_stratified_and_fixed():
+    train_split, val_split = datasets.Digits("train", 32), datasets.Digits("val", 32)
+    assert len(train_split) + len(val_split) == 1797 and len(val_split) == 360
+    counts = torch.bincount(torch.tensor(val_split.targets), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37                    # a fifth of each class
+    image, label = val_split[0]
+    assert image.shape == (3, 32, 32) and 0 <= image.min() and image.max() <= 1
+    assert torch.equal(image[0], image[1])                              # grey, made RGB
+    assert torch.equal(datasets.Digits("val", 32)[5][0], val_split[5][0])   # the same split every time
+    from sklearn.datasets import load_digits
+    raw = torch.tensor(load_digits().images[:1] / 16, dtype=torch.float32).unsqueeze(1)   # sklearn's first image
+    upsampled = torch.nn.functional.interpolate(raw, size=32, mode="bilinear", align_corners=False)[0, 0]
+    everything = torch.cat([train_split.images[:, 0], val_split.images[:, 0]])
+    assert (everything - upsampled).abs().amax(dim=(1, 2)).min() < 1e-6                # it is in one of the splits
+
+
+def test_digit_sets_are_never_flipped():
+    assert datasets.default_augment("digits", cached=True) == "none"
+    assert datasets.default_augment("mnist", cached=False) == "crop"
+    assert datasets.default_augment("cifar10", cached=True) == "flip"
+    assert datasets.default_augment("imagefolder", cached=False) == "full"
+
+
+def write_idx(path, array, kind):
+    """A gzip-less idx file as torchvision reads it: magic (type, dims), sizes, then the bytes."""
+    header = struct.pack(">I", (0x08 << 8) | array.dim()) + b"".join(struct.pack(">I", n) for n in array.shape)
+    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_mnist_loads_from_local_raw_files_without_network(tmp_path, dataset, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    for split, count in (("train", 6), ("t10k", 4)):
+        images = torch.zeros(count, 28, 28)
+        images[:, 10:18, 10:18] = torch.arange(count).view(-1, 1, 1) * 20 + 40    # brightness says the label
+        write_idx(raw / f"{split}-images-idx3-ubyte", images, "images")
+        write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(count), "labels")
+    source = datasets.load_image_source(dataset, str(tmp_path), "val", 32)
+    images = datasets.ImageDataset(source, 32)
+    image, label = images[3]
+    assert len(images) == 4 and image.shape == (3, 32, 32) and label == 3
+    assert image[:, :2].abs().sum() == 0                                   # padded by 2 px of black
+    assert abs(image[0, 14:20, 14:20].mean().item() - (3 * 20 + 40) / 255) < 0.01
+
+
+@pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"),
+                                             ("cifar10", "cifar-10-batches-py")])
+def test_offline_download_error_names_the_folder_and_the_offline_sets(tmp_path, monkeypatch, dataset, folder):
+    import torchvision.datasets.utils as utils
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(utils, "urlopen", offline, raising=False)
+    monkeypatch.setattr(utils, "download_url", offline)
+    monkeypatch.setattr(utils, "download_and_extract_archive", offline)
+    import torchvision.datasets.mnist as mnist
+    import torchvision.datasets.cifar as cifar
+    monkeypatch.setattr(mnist, "download_and_extract_archive", offline)
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(cli.UserError) as error:
+        datasets.load_image_source(dataset, str(tmp_path), "train", 32)
+    message = str(error.value)
+    assert os.path.join(str(tmp_path), folder) in message and "\n" not in message
+    assert "--dataset digits --vae none" in message and "--dataset synthetic --vae tiny" in message
+
+
+@pytest.mark.parametrize("image_size, downsample, patch, tokens", [
+    (224, 8, 4, 49), (224, 1, 16, 196),      # the paper: ViT-B/4 on 28 x 28 latents against ViT-B/16 on pixels
+    (128, 8, 4, 16), (128, 1, 16, 64),       # CIFAR upsampled for the SD VAE
+    (32, 4, 2, 16), (32, 1, 4, 64),          # digits with a VAE of factor 4, and in pixels
+    (32, 8, 1, 16), (64, 8, 2, 16)])
+def test_default_patch_sizes_follow_image_size_and_vae_factor(image_size, downsample, patch, tokens):
+    assert datasets.default_patch_size(image_size, downsample) == patch
+    assert (image_size // downsample // patch) ** 2 == tokens >= 16
+
+
+def test_pixel_runs_get_random_resized_crops(tmp_path, monkeypatch):
+    """The transform the training loader really applies, not the config string: pixels are never cached, so a
+    pixel run gets MAE's random resized crops (and digits no flip)."""
+    built = []
+    original = datasets.ImageDataset.__init__
+
+    def record(self, source, image_size, augment="none"):
+        original(self, source, image_size, augment)
+        built.append(self.transform)
+    monkeypatch.setattr(datasets.ImageDataset, "__init__", record)
+    train.main(["--dataset", "digits", "--vae", "none", "--model", "tiny", "--steps", "1", "--batch-size", "16",
+                "--eval-images", "16", "--grid-every", "0", "--num-workers", "0", "--device", "cpu",
+                "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")])
+    names = [[type(step).__name__ for step in transform.transforms] for transform in built]
+    assert ["ToTensor", "RandomResizedCrop"] in names                         # the training loader's
+    assert not any("RandomHorizontalFlip" in steps for steps in names)
+
+
+def class_coded_folder(root, classes=3, per_class=4, size=16):
+    """An image folder whose every image is one flat grey level that encodes its class: k -> 40 + 60 k."""
+    for split in ("train", "val"):
+        for k in range(classes):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                Image.new("RGB", (size, size), (40 + 60 * k,) * 3).save(folder / f"{i}.png")
+
+
+def test_cached_labels_line_up_with_their_images(tmp_path):
+    """Read each cached item's label back from its own pixels (the pixel projection caches [-1, 1] images)."""
+    class_coded_folder(tmp_path)
+    config = dict(dataset="imagefolder", data_dir=str(tmp_path), image_size=16, vae="none", synthetic_size=0)
+    cache = latent_cache.dataset_latents(config, "train", lmd.load_projection("none"), devices.Distributed("cpu"))
+    grey = (cache["latents"][:, 0].float().mean(dim=(1, 2, 3)) + 1) / 2 * 255          # [N], per cached item
+    assert torch.equal(((grey - 40) / 60).round().long(), cache["labels"])
+    assert torch.equal(cache["latents"][:, 1], cache["latents"][:, 0].flip(-1))          # and its mirror image
+
+
+def test_a_changed_image_folder_rebuilds_its_cache(tmp_path, capsys):
+    class_coded_folder(tmp_path)
+    config = dict(dataset="imagefolder", data_dir=str(tmp_path), image_size=16, vae="none", synthetic_size=0)
+    dist, projection = devices.Distributed("cpu"), lmd.load_projection("none")
+    latent_cache.dataset_latents(config, "train", projection, dist)
+    Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "train" / "class0" / "0.png")   # same name, new image
+    capsys.readouterr()
+    cache = latent_cache.dataset_latents(config, "train", projection, dist)
+    assert "made with other settings" in capsys.readouterr().err
+    assert cache["latents"][0, 0].float().mean() > 0.99                                    # the new white image
+
+
+def test_generated_and_shipped_sets_record_version_and_split():
+    assert datasets.load_image_source("digits", "", "train", 32).provenance == dict(
+        version=datasets.SOURCE_VERSIONS["digits"], count=1437, split_seed=0, val_fraction=0.2)
+    synthetic = datasets.load_image_source("synthetic", "", "val", 32, synthetic_size=50).provenance
+    assert synthetic["synthetic_size"] == 50 and synthetic["version"] == datasets.SOURCE_VERSIONS["synthetic"]
