@@ -24,6 +24,30 @@ def save_atomic(obj, path):
             os.remove(temporary)
 
 
+def rng_state(device):
+    """The global RNG states worth saving: the CPU's and this process's own GPU's (not every visible GPU's)."""
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def saved_cuda_rng_state(saved):
+    """The CUDA RNG state [ByteTensor] to restore on this process's GPU from a checkpoint's rng["cuda"], or None.
+
+    Older checkpoints hold get_rng_state_all(): one state per GPU the saving process could see (8 on a node of 8),
+    and the first is its own (rank 0 and single-process runs use cuda:0). Restoring that whole list on a machine
+    with fewer GPUs indexed past its end, so only the saver's own state is restored, on whatever GPU this is.
+    """
+    if saved is None or torch.is_tensor(saved):
+        return saved
+    return saved[0] if len(saved) else None
+
+
+def restore_rng_state(rng, device):
+    torch.set_rng_state(rng["cpu"])
+    cuda = saved_cuda_rng_state(rng.get("cuda"))
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
 CHECKPOINT_KIND = "lmd-pretraining"
 
 def load_checkpoint(path, kind=CHECKPOINT_KIND):

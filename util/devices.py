@@ -1,5 +1,6 @@
 """Where and how a script runs: the device, the precision, torchrun's processes, compiled blocks, loader workers."""
 
+import datetime
 import os
 
 import torch
@@ -19,14 +20,26 @@ def select_device(name="auto"):
 
 
 def autocast_dtype(precision, device):
-    """bf16 autocast on CUDA when supported ('auto'), fp32 elsewhere unless bf16 is asked for explicitly."""
+    """bf16 autocast on CUDA when the GPU has bf16 units ('auto'), fp32 elsewhere unless bf16 is asked for explicitly.
+
+    V100s and T4s have none: torch runs bf16 there by emulation (is_bf16_supported() says yes by default), slower
+    than fp32. So only native support counts.
+    """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         if precision == "bf16":
-            raise UserError("this GPU does not support bf16; use --precision fp32")
+            raise UserError("this GPU has no native bf16 (emulated bf16 is slower than fp32); use --precision fp32")
         return None
     return torch.bfloat16
+
+
+def timeout_minutes():
+    """The process-group timeout: how long a collective (a barrier, an all-reduce) waits for the slowest rank before
+    the run fails. NCCL's default, 10 minutes, is shorter than rank 0 scanning a large image folder while the others
+    wait; 60 minutes by default, LMD_TIMEOUT_MINUTES to change it (a hung run then waits that long before it fails).
+    """
+    return float(os.environ.get("LMD_TIMEOUT_MINUTES", 60))
 
 
 class Distributed:
@@ -39,11 +52,13 @@ class Distributed:
         self.enabled = self.world_size > 1
         device = select_device(device_name)
         if device.type == "cuda" and self.enabled:
-            device = torch.device("cuda", self.local_rank)
+            # A scheduler that gives each task its own GPU leaves one visible device (index 0) whatever the rank.
+            device = torch.device("cuda", self.local_rank % torch.cuda.device_count())
             torch.cuda.set_device(device)
         self.device = device
         if self.enabled:
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                                 timeout=datetime.timedelta(minutes=timeout_minutes()))
 
     @property
     def is_main(self):
@@ -55,11 +70,33 @@ class Distributed:
 
     def any(self, flag):
         """True on every rank if `flag` is true on any rank (keeps the ranks stepping in lockstep)."""
-        if not self.enabled:
-            return flag
-        tensor = torch.tensor([float(flag)], device=self.device if self.device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-        return bool(tensor.item())
+        return self.any_each(flag)[0]
+
+    def any_each(self, *flags):
+        """For each flag, whether it is true on any rank: [bool], the same on every rank, from one all-reduce.
+
+        A flag is a bool or a one-element tensor on the device (a device tensor is read here, in the same host sync).
+        """
+        device = self.device if self.device.type == "cuda" else torch.device("cpu")   # gloo: CPU, NCCL: CUDA
+        values = torch.stack([torch.as_tensor(flag, device=device).float().reshape(()) for flag in flags])
+        if self.enabled:
+            torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX)
+        return [bool(value) for value in values.tolist()]
+
+    def main_first(self, function):
+        """function() on rank 0 first, then on the other ranks: a download into a shared folder happens once.
+
+        If it fails on rank 0, the other ranks stop too (with an error that points at rank 0's) instead of waiting.
+        """
+        result, error = None, None
+        if self.is_main:
+            try:
+                result = function()
+            except Exception as caught:
+                error = caught
+        if self.any(error is not None):   # also the barrier: the other ranks wait here for rank 0
+            raise error if error is not None else UserError("rank 0 failed (its error is above); stopping")
+        return result if self.is_main else function()
 
     def all_gather(self, tensor):
         """tensor [n, ...] (the same shape on every rank) -> [world_size * n, ...] on the CPU, rank 0's rows first."""
@@ -83,5 +120,10 @@ def compile_transformer_blocks(model):
 
 
 def loader_workers(requested=None):
-    """Image-loading processes: the requested number, or one per core but one (for the training loop), at most 8."""
-    return requested if requested is not None else min(8, max((os.cpu_count() or 2) - 1, 0))
+    """Image-loading processes per training process: the requested number, or by default this node's cores shared
+    among its training processes (torchrun's LOCAL_WORLD_SIZE), less one for the training loop, at most 8."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
+    per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return min(8, max(per_process - 1, 0))

@@ -1,86 +1,213 @@
-"""The latent cache: every image (and its mirror image) encoded by the frozen VAE once, stored on disk."""
+"""The latent cache: every image (and its mirror image) encoded by the frozen VAE once, stored on disk.
 
+One cache is a few files under DATA_DIR/lmd_latents/:
+
+    NAME.pt               the index: provenance, shape and class names. Written last, atomically: a cache is
+                          complete, and used, only once its index exists
+    NAME.parts/
+        latents.f16       latents [N, 2, C, h, w] float16, raw (no header), preallocated, read memory-mapped
+        labels.i64        labels [N] int64, raw
+        done.u8           one byte per chunk of CHUNK images: 1 once that chunk's latents and labels are on disk
+        build.pt          the settings these files are being built with
+
+Every process of a torchrun job encodes its share of the chunks (chunk k goes to rank k % world_size) with its own
+loader workers and writes them in place, so nobody waits for one rank to encode the whole split, and no process
+holds more than one chunk in memory. A killed build keeps its finished chunks: the same command, with any number
+of processes, encodes only the rest.
+"""
+
+import math
 import os
+import shutil
 import sys
 
 import torch
 
 from util.checkpoints import save_atomic
-from util.datasets import ImageDataset, load_image_source
+from util.datasets import ImageDataset, SyntheticShapes, load_image_source
+from util.devices import loader_workers
 from util.vaes import fingerprint
 
+CHUNK = 1024         # images per chunk: the unit of work, of resuming, and of what a process holds in memory
+ENCODE_BATCH = 64    # images per VAE call while building
 
-def cache_file(data_dir, dataset, split, vae, image_size, count):
-    """Where the latents of (dataset, split, VAE, image size) live: DATA_DIR/lmd_latents/<name>.pt."""
+
+def cache_file(data_dir, dataset, split, vae, image_size, count=None):
+    """The index of (dataset, split, VAE, image size): DATA_DIR/lmd_latents/<name>.pt.
+
+    `count` is part of the name only where it is a setting (the synthetic set's size); elsewhere it comes from the
+    data, and putting it in the name would mean counting the images (for an image folder, listing every file).
+    """
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in vae.strip("/"))[-60:]
-    return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count}-{slug}-{image_size}px.pt")
+    return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count or ''}-{slug}-{image_size}px.pt")
 
 
-def cache_provenance(dataset, split, projection, image_size, source):
-    """What a cache must match to be reused: the images (source.provenance: a version and split seed, or a
-    folder's file list), the VAE (its weights' fingerprint) and the geometry."""
-    return dict(dataset=dataset, split=split, vae=projection.name, vae_fingerprint=fingerprint(projection),
-                image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16", count=len(source),
-                data=source.provenance)
+def cache_provenance(dataset, split, projection, image_size, source=None):
+    """What a cache must match to be used. With the images at hand (`source`), their count and identity
+    (datasets.source_provenance) are checked too; without, a complete cache is trusted for them."""
+    record = dict(dataset=dataset, split=split, vae=projection.name, vae_fingerprint=fingerprint(projection),
+                  image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16")
+    if source is not None:
+        record.update(count=len(source), source=getattr(source, "provenance", None))
+    return record
+
+
+def open_cache(path, expected, announce=True):
+    """The complete cache at `path` if its provenance has every entry of `expected`, else None (saying why).
+
+    Returns dict(latents [N, 2, C, h, w] fp16, labels [N] int64, provenance, classes), memory-mapped: a large
+    cache is paged in on demand instead of read whole.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        index = torch.load(path, map_location="cpu", weights_only=True)
+        saved = index["provenance"]
+        different = ", ".join(f"{k}: {saved.get(k)!r} != {v!r}" for k, v in expected.items() if saved.get(k) != v)
+        cache = None if different else _open_parts(_parts(path), index)
+    except Exception:   # a truncated index, missing or short parts, or a cache in an older layout
+        cache, different = None, ""
+    if cache is None and announce:
+        why = f"was made with other settings ({different})" if different else "is unreadable"
+        print(f"latent cache {path} {why}; rebuilding it", file=sys.stderr)
+    return cache
+
+
+def build_cache(path, provenance, images, projection, dist, workers=0, description="encoding latents"):
+    """Encode `images` (an ImageDataset) into the cache at `path`, every rank its share of the chunks.
+
+    All ranks call it. A build killed earlier with the same settings is resumed: its finished chunks are kept.
+    """
+    parts, count = _parts(path), len(images)
+    grid = images.image_size // projection.downsample
+    shape = (count, 2, projection.channels, grid, grid)
+    if dist.is_main:
+        if os.path.exists(path):
+            os.remove(path)   # a stale index: the cache is incomplete until this build ends
+        _start_or_resume(parts, dict(provenance=provenance, shape=shape, chunk=CHUNK))
+    dist.barrier()
+    done = _read_bytes(os.path.join(parts, "done.u8"))
+    mine = [chunk for chunk in range(dist.rank, len(done), dist.world_size) if not done[chunk]]
+    image_bytes = math.prod(shape[1:]) * 2
+    for chunk, latents, labels in _encode_chunks(images, mine, projection, dist, workers, description):
+        if latents.shape[1:] != shape[1:]:
+            raise RuntimeError(f"the VAE gave latents of shape {list(latents.shape[1:])}, not {list(shape[1:])}")
+        _write_at(os.path.join(parts, "latents.f16"), chunk * CHUNK * image_bytes, latents)
+        _write_at(os.path.join(parts, "labels.i64"), chunk * CHUNK * 8, labels.long())
+        _write_at(os.path.join(parts, "done.u8"), chunk, torch.ones(1, dtype=torch.uint8))   # last: now it counts
+    dist.barrier()   # every rank's chunks are on disk
+    if dist.is_main:
+        missing = _read_bytes(os.path.join(parts, "done.u8")).count(0)
+        if missing:
+            raise RuntimeError(f"{missing} chunks of {parts} were not written; run again to finish the build")
+        save_atomic(dict(provenance=provenance, shape=shape, classes=list(images.classes)), path)
+    dist.barrier()
+
+
+def dataset_latents(config, split, projection, dist, source=None):
+    """The cached latents of one split for a run config; if there is no complete matching cache, every rank builds
+    its share of it first.
+
+    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers. A complete cache is opened without
+    looking at the images (an image folder is not even listed); a `source` given by the caller is checked too.
+    Returns dict(latents [N, 2, C, h, w] fp16 memory-mapped, labels [N], provenance, classes).
+    """
+    path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"],
+                      _named_count(config, split))
+    expected = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
+    cache = open_cache(path, expected, announce=dist.is_main)
+    if not dist.any(cache is None):
+        return cache
+    if source is None:   # rank 0 first: it downloads the dataset if needed while the others wait
+        source = dist.main_first(lambda: load_image_source(config["dataset"], config["data_dir"], split,
+                                                           config["image_size"], config.get("synthetic_size", 5000)))
+    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
+    build_cache(path, provenance, ImageDataset(source, config["image_size"]), projection, dist,
+                loader_workers(config.get("num_workers")), f"encoding {config['dataset']} {split} latents")
+    return open_cache(path, provenance, announce=dist.is_main)
+
+
+def _named_count(config, split):
+    """The synthetic set's size, which names its cache (it is a setting); None for every other dataset."""
+    if config["dataset"] != "synthetic":
+        return None
+    return len(SyntheticShapes(split, config["image_size"], config.get("synthetic_size", 5000)))
+
+
+def _parts(path):
+    return os.path.splitext(path)[0] + ".parts"
+
+
+def _open_parts(parts, index):
+    shape = tuple(index["shape"])
+    return dict(latents=_mapped(os.path.join(parts, "latents.f16"), shape, torch.float16),
+                labels=_mapped(os.path.join(parts, "labels.i64"), shape[:1], torch.int64),
+                provenance=index["provenance"], classes=index.get("classes"))
+
+
+def _mapped(path, shape, dtype):
+    """A read-only view of a raw file as a tensor of `shape`: memory-mapped (copy-on-write), nothing read yet."""
+    return torch.from_file(path, shared=False, size=math.prod(shape), dtype=dtype).view(shape)
+
+
+def _start_or_resume(parts, record):
+    """Rank 0: keep the files of an unfinished build with the same settings (its finished chunks with them), or
+    create empty ones: preallocated, so that every rank can write its chunks in place."""
+    record_path = os.path.join(parts, "build.pt")
+    try:
+        if torch.load(record_path, weights_only=True) == record:
+            done = _read_bytes(os.path.join(parts, "done.u8"))
+            print(f"resuming the unfinished latent cache build in {parts}: {sum(done)} of {len(done)} chunks "
+                  "were done", file=sys.stderr)
+            return
+    except Exception:   # no build there, or an unreadable record: start afresh
+        pass
+    shutil.rmtree(parts, ignore_errors=True)
+    os.makedirs(parts)
+    count, image_elements = record["shape"][0], math.prod(record["shape"][1:])
+    for name, size in (("latents.f16", count * image_elements * 2), ("labels.i64", count * 8),
+                       ("done.u8", math.ceil(count / CHUNK))):
+        with open(os.path.join(parts, name), "wb") as file:
+            file.truncate(size)   # a sparse file of zeros: no disk is written until the chunks are
+    save_atomic(record, record_path)   # last: these files belong to this build
 
 
 @torch.no_grad()
-def encode_dataset(images, projection, device, batch_size=64, num_workers=0, description="encoding latents"):
-    """Encode every image and its horizontal flip once: -> latents [N, 2, C, h, w] fp16, labels [N].
+def _encode_chunks(images, chunks, projection, dist, workers, description):
+    """For each chunk in `chunks`: (chunk, latents [n, 2, C, h, w] fp16 CPU, labels [n]), encoded ENCODE_BATCH
+    images at a time, with `workers` loading processes.
 
     Both flips are stored because the VAE is not flip-equivariant: caching one randomly flipped sample would
     freeze the augmentation, caching both keeps it.
     """
     from tqdm import tqdm
-    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, num_workers=num_workers)
+    ranges = {chunk: range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(images))) for chunk in chunks}
+    batches = [(chunk, list(indices[start:start + ENCODE_BATCH]))
+               for chunk, indices in ranges.items() for start in range(0, len(indices), ENCODE_BATCH)]
+    if not batches:
+        return
+    loader = torch.utils.data.DataLoader(images, batch_sampler=[indices for _, indices in batches],
+                                         num_workers=workers, pin_memory=dist.device.type == "cuda")
     latents, labels = [], []
-    for batch, label in tqdm(loader, desc=description, unit="batch", dynamic_ncols=True):
-        batch = batch.to(device)
-        pair = torch.stack([projection.encode(batch), projection.encode(batch.flip(-1))], dim=1)
-        latents.append(pair.half().cpu())
+    for (chunk, indices), (batch, label) in tqdm(zip(batches, loader), total=len(batches), desc=description,
+                                                 unit="batch", disable=not dist.is_main, dynamic_ncols=True):
+        batch = batch.to(dist.device, non_blocking=True)
+        latents.append(torch.stack([projection.encode(batch), projection.encode(batch.flip(-1))], dim=1).half().cpu())
         labels.append(torch.as_tensor(label))
-    return torch.cat(latents), torch.cat(labels)
+        if indices[-1] == ranges[chunk][-1]:   # the chunk's last batch
+            yield chunk, torch.cat(latents), torch.cat(labels)
+            latents, labels = [], []
 
 
-def load_or_build_cache(path, provenance, build):
-    """Load the cache at `path` if its provenance matches, else build it with `build()` and write it atomically.
-
-    Returns dict(latents [N, 2, C, h, w] fp16, labels [N], provenance). Memory-mapped, so a large cache is paged
-    in on demand instead of read whole.
-    """
-    if os.path.exists(path):
-        try:
-            cache = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            if cache.get("provenance") == provenance:
-                return cache
-            print(f"latent cache {path} was made with other settings ({_provenance_difference(cache, provenance)}); "
-                  "rebuilding it", file=sys.stderr)
-        except Exception:
-            print(f"latent cache {path} is unreadable; rebuilding it", file=sys.stderr)
-    latents, labels = build()
-    cache = dict(latents=latents, labels=labels, provenance=provenance)
-    save_atomic(cache, path)
-    return cache
+def _write_at(path, offset, tensor):
+    """Write the bytes of `tensor` at byte `offset` of the file `path`, and return once they are on disk."""
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(tensor.contiguous().numpy().tobytes())
+        file.flush()
+        os.fsync(file.fileno())
 
 
-def dataset_latents(config, split, projection, dist, source=None):
-    """The cached latents of one split for a run config; rank 0 builds the cache while the other ranks wait.
-
-    config: dataset, data_dir, image_size, vae, synthetic_size. Returns dict(latents [N, 2, C, h, w] fp16,
-    labels [N], provenance).
-    """
-    source = source or load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
-                                         config.get("synthetic_size", 5000))
-    path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"], len(source))
-    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
-    build = lambda: encode_dataset(ImageDataset(source, config["image_size"]), projection, dist.device,  # noqa: E731
-                                   description=f"encoding {config['dataset']} {split} latents")
-    if dist.is_main:
-        load_or_build_cache(path, provenance, build)
-    dist.barrier()
-    return load_or_build_cache(path, provenance, build)
-
-
-def _provenance_difference(cache, provenance):
-    old = cache.get("provenance") or {}
-    return ", ".join(f"{k}: {old.get(k)!r} != {v!r}" for k, v in provenance.items() if old.get(k) != v)
+def _read_bytes(path):
+    with open(path, "rb") as file:
+        return file.read()

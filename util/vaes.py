@@ -1,4 +1,5 @@
-"""Opening the frozen VAE for the scripts: errors that say what to do, a fast offline check, provenance, fingerprint.
+"""Opening the frozen VAE for the scripts: errors that say what to do, a fast offline check, provenance, fingerprint,
+and encoding a batch on the fly in bounded memory.
 
 lmd.load_projection knows how to build a projection; this module knows what to tell the user when it cannot.
 """
@@ -75,6 +76,24 @@ def _from_hub(vae, device, dtype):
     except Exception as error:
         raise UserError(f"could not load the VAE {vae!r} from the Hub ({_first_line(error)}); check the id or "
                         "pass a local directory") from None
+
+
+ENCODE_CHUNK = 32   # images per VAE call when encoding on the fly (see encode_images)
+
+
+@torch.no_grad()
+def encode_images(projection, images, autocast=None, chunk_size=ENCODE_CHUNK):
+    """images [B, 3, H, W] in [0, 1], on the device -> latents [B, C, H/f, W/f] fp32: encoding on the fly.
+
+    The frozen VAE sees `chunk_size` images at a time: its activations grow with the batch (an SD VAE encode of a
+    whole 256-image batch at 224 px needs tens of GB), the model's do not. With `autocast` (torch.bfloat16, from
+    devices.autocast_dtype: GPUs with native bf16) it runs under bf16 autocast. train.py --no-cache and bench.py
+    encode with it; the latent cache is encoded once, in fp32.
+    """
+    if projection.is_pixels:
+        return projection.encode(images)
+    with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
+        return torch.cat([projection.encode(chunk) for chunk in images.split(chunk_size)])
 
 
 def vae_provenance(vae):
