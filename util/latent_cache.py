@@ -43,12 +43,13 @@ def cache_file(data_dir, dataset, split, vae, image_size, count=None):
 
 
 def cache_provenance(dataset, split, projection, image_size, source=None):
-    """What a cache must match to be used. With the images at hand (`source`), their count and identity
-    (datasets.source_provenance) are checked too; without, a complete cache is trusted for them."""
+    """What a cache must match to be used: the VAE (its weights' fingerprint), the geometry and, with the images at
+    hand (`source`), their count and identity (source.provenance: a version and split seed, or a folder's file
+    list). Without `source`, a complete cache is taken as it is for the images."""
     record = dict(dataset=dataset, split=split, vae=projection.name, vae_fingerprint=fingerprint(projection),
                   image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16")
     if source is not None:
-        record.update(count=len(source), source=getattr(source, "provenance", None))
+        record.update(count=len(source), data=getattr(source, "provenance", None))
     return record
 
 
@@ -108,21 +109,28 @@ def dataset_latents(config, split, projection, dist, source=None):
     """The cached latents of one split for a run config; if there is no complete matching cache, every rank builds
     its share of it first.
 
-    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers. A complete cache is opened without
-    looking at the images (an image folder is not even listed); a `source` given by the caller is checked too.
+    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers. Rank 0 checks the cache against the
+    images (downloading them first if needed); the other ranks take its word and open a complete cache without
+    the images (an image folder of a million files is listed once, not once per rank), unless they build.
     Returns dict(latents [N, 2, C, h, w] fp16 memory-mapped, labels [N], provenance, classes).
     """
     path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"],
                       _named_count(config, split))
-    expected = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
-    cache = open_cache(path, expected, announce=dist.is_main)
+
+    def load():
+        return source if source is not None else load_image_source(
+            config["dataset"], config["data_dir"], split, config["image_size"], config.get("synthetic_size", 5000))
+
+    def check():   # rank 0 against the images, which it loads (or downloads) first; the others need none
+        images = load() if dist.is_main else source
+        provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images)
+        return images, open_cache(path, provenance, announce=dist.is_main)
+    images, cache = dist.main_first(check)
     if not dist.any(cache is None):
         return cache
-    if source is None:   # rank 0 first: it downloads the dataset if needed while the others wait
-        source = dist.main_first(lambda: load_image_source(config["dataset"], config["data_dir"], split,
-                                                           config["image_size"], config.get("synthetic_size", 5000)))
-    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], source)
-    build_cache(path, provenance, ImageDataset(source, config["image_size"]), projection, dist,
+    images = images if images is not None else load()   # to build, every rank needs them
+    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images)
+    build_cache(path, provenance, ImageDataset(images, config["image_size"]), projection, dist,
                 loader_workers(config.get("num_workers")), f"encoding {config['dataset']} {split} latents")
     return open_cache(path, provenance, announce=dist.is_main)
 
