@@ -87,13 +87,14 @@ def build_parser():
     add("--augment", choices=("auto", *datasets.AUGMENTATIONS),
         help="'flip': resize + horizontal flip; 'crop': random resized crop; 'full': crop + flip (crops need "
              "--no-cache or --vae none); 'auto': the crops where possible, the flip except for digit sets")
-    add("--precision", choices=("auto", "fp32", "bf16"), help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
+    add("--precision", choices=("auto", "fp32", "bf16"), help="'auto': bf16 autocast on GPUs with native bf16, "
+                                                              "fp32 elsewhere")
     add("--compile", action=argparse.BooleanOptionalAction,
         help="torch.compile the transformer blocks (opt-in; the first steps are slow while it compiles)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
     add("--seed", type=int, help="seed for initialisation, data order, masks and augmentation")
     add("--num-workers", type=int, help="image loading processes when not training on cached latents "
-                                        "(default: CPU count - 1, at most 8)")
+                                        "(default: the cores / processes per node - 1, at most 8)")
     add("--out", help="run directory for config.json, metrics.jsonl and checkpoints")
     add("--log-every", type=int, help="write a metrics line every N steps")
     add("--save-every", type=int, help="save OUT/checkpoint.pt every N steps (and always at the end)")
@@ -144,13 +145,15 @@ def resumed_config(flags, given, checkpoint):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second one aborts.
+    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second Ctrl-C aborts.
 
-    A context manager: the previous handlers come back when training ends.
+    SIGTERMs never abort: under SLURM and torchrun each process gets two (SLURM signals every process of the job,
+    and torchrun forwards its own), and the second must not throw the save away. A context manager: the previous
+    handlers come back when training ends.
     """
 
     def __enter__(self):
-        self.requested = False
+        self.requested = self.interrupted = False   # interrupted: a Ctrl-C (SIGINT) came
         self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
         return self
 
@@ -159,11 +162,14 @@ class StopRequest:
             signal.signal(number, handler)
 
     def _handle(self, signal_number, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        if signal_number == signal.SIGINT:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+        if not self.requested:
+            print(f"\n{signal.Signals(signal_number).name}: saving a checkpoint at the end of this step "
+                  "(Ctrl-C again aborts without saving)", file=sys.stderr)
         self.requested = True
-        print(f"\n{signal.Signals(signal_number).name}: saving a checkpoint at the end of this step "
-              "(send it again to abort without saving)", file=sys.stderr)
 
 
 class TrainingBatches:
@@ -175,16 +181,19 @@ class TrainingBatches:
 
     def __init__(self, config, projection, dist, start_step):
         self.config, self.projection, self.dist = config, projection, dist
-        source = datasets.load_image_source(config["dataset"], config["data_dir"], "train", config["image_size"],
-                                       config["synthetic_size"])
-        if len(source) < config["batch_size"]:
-            raise cli.UserError(f"the training set has {len(source)} images, fewer than one batch "
+        self.autocast = devices.autocast_dtype(config["precision"], dist.device)
+        self.loader = None
+        if config["cache"]:   # a complete cache is opened without the images: an image folder is not even listed
+            self.cache = latent_cache.dataset_latents(config, "train", projection, dist)
+            self.num_items = len(self.cache["labels"])
+        else:                 # rank 0 first: it downloads the dataset if needed while the others wait
+            source = dist.main_first(lambda: datasets.load_image_source(
+                config["dataset"], config["data_dir"], "train", config["image_size"], config["synthetic_size"]))
+            self.num_items = len(source)
+        if self.num_items < config["batch_size"]:
+            raise cli.UserError(f"the training set has {self.num_items} images, fewer than one batch "
                                 f"(--batch-size {config['batch_size']}); lower --batch-size")
-        self.num_items = len(source)
-        if config["cache"]:
-            self.cache = latent_cache.dataset_latents(config, "train", projection, dist, source)
-            self.loader = None
-        else:
+        if not config["cache"]:
             images = datasets.ImageDataset(source, config["image_size"], config["augment"])
             workers = devices.loader_workers(config["num_workers"])
             self.loader = iter(torch.utils.data.DataLoader(
@@ -202,9 +211,9 @@ class TrainingBatches:
     def latents(self, step):
         """This rank's latents for `step` [batch / world_size, C, h, w] on the training device."""
         device = self.dist.device
-        if self.loader is not None:
+        if self.loader is not None:   # encoded here: in chunks, in bf16 where the GPU has it (as bench.py does)
             images, _ = next(self.loader)
-            return self.projection.encode(images.to(device, non_blocking=True))
+            return vaes.encode_images(self.projection, images.to(device, non_blocking=True), self.autocast)
         indices = self._indices(step)
         generator = sampling.step_generator(self.config["seed"], step, self.dist.rank)
         flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
@@ -263,12 +272,10 @@ def evaluate(model, projection, config, dist, step):
     print(f"step {step}/{config['steps']}: held-out masked-token loss at ratio 0.75 = {loss:.4f}; grid: {grid}")
 
 
-def save_checkpoint(path, model, optimizer, step, config):
+def save_checkpoint(path, model, optimizer, step, config, device):
     checkpoints.save_atomic(dict(kind=checkpoints.CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(),
                          step=step, config=config, torch_version=torch.__version__,
-                         rng=dict(cpu=torch.get_rng_state(),
-                                  cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)),
-                    path)
+                         rng=checkpoints.rng_state(device)), path)
 
 
 def load_config(argv):
@@ -297,9 +304,7 @@ def build_run(config, checkpoint, dist):
     if checkpoint:
         checkpoints.load_model_state(model, checkpoint["model"], checkpoint["path"])
         optimizer.load_state_dict(checkpoint["optimizer"])
-        torch.set_rng_state(checkpoint["rng"]["cpu"])
-        if checkpoint["rng"]["cuda"] is not None and dist.device.type == "cuda":
-            torch.cuda.set_rng_state_all(checkpoint["rng"]["cuda"])
+        checkpoints.restore_rng_state(checkpoint["rng"], dist.device)   # on any number of GPUs
     return projection, model, optimizer
 
 
@@ -317,15 +322,34 @@ def start_run_directory(config, model, dist, start_step):
           f"from step {start_step}", file=sys.stderr)
 
 
+def check_finite(losses, done, non_finite_anywhere, last_saved, out):
+    """The run's one-line error if a loss of the steps done - len(losses) + 1 .. done is not finite, or if another
+    process saw one at step `done` (all ranks then give the same message)."""
+    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
+    if bad is None and not non_finite_anywhere:
+        return
+    if non_finite_anywhere:   # one flag from the all-reduce: the same words on every rank
+        what, step = "non-finite in a process", done
+    else:
+        what, step = losses[bad], done - len(losses) + bad + 1
+    raise cli.UserError(f"the loss became {what} at step {step}; the last good checkpoint (step {last_saved}) is "
+                        f"kept in {out}; lower --lr or use --precision fp32")
+
+
 def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, save_grid):
-    """The training loop. Returns the step it ended at (config["steps"] unless stopped early)."""
+    """The training loop. Returns the step it ended at (config["steps"] unless stopped early).
+
+    The losses are read on the host only at logged and saved steps, all those since the last read in one transfer:
+    in between, the CPU prepares the next batches while the GPU computes. Under torchrun one all-reduce a step
+    tells every rank whether any was signalled or saw a non-finite loss, so all stop, or fail, at the same step.
+    """
     from tqdm import tqdm
     autocast = devices.autocast_dtype(config["precision"], dist.device)
     checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
     bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
                disable=not dist.is_main, dynamic_ncols=True)
-    last_saved, started = start_step, time.time()
+    last_saved, started, unread = start_step, time.time(), []   # unread: this rank's losses not yet on the host
     for step in bar:
         mask_ratio = schedule(step / config["steps"])
         lr = optim.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
@@ -338,23 +362,30 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):  # never save weights that a non-finite loss has touched
-            raise cli.UserError(f"the loss became {loss_value} at step {step + 1}; the last good checkpoint (step "
-                                f"{last_saved}) is kept in {config['out']}; lower --lr or use --precision fp32")
         done = step + 1
-        bar.set_postfix(loss=f"{loss_value:.4f}", mask_ratio=f"{mask_ratio:.3f}", lr=f"{lr:.2e}")
-        if dist.is_main and (done % config["log_every"] == 0 or done == last_step):
-            record = dict(step=done, loss=loss_value, mask_ratio=mask_ratio, lr=lr,
+        unread.append(loss.detach())
+        interrupted, non_finite_anywhere = stop.requested, False
+        if dist.enabled:
+            interrupted, non_finite_anywhere = dist.any_each(stop.requested, ~torch.isfinite(loss))
+        logged = done % config["log_every"] == 0 or done == last_step
+        saving = done % config["save_every"] == 0 or done == last_step or interrupted
+        gridding = dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0
+        if not (logged or saving or gridding or non_finite_anywhere):
+            continue
+        losses, unread = torch.stack(unread).tolist(), []
+        # never save weights that a non-finite loss has touched
+        check_finite(losses, done, non_finite_anywhere, last_saved, config["out"])
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", mask_ratio=f"{mask_ratio:.3f}", lr=f"{lr:.2e}")
+        if dist.is_main and logged:
+            record = dict(step=done, loss=losses[-1], mask_ratio=mask_ratio, lr=lr,
                           images_per_second=(done - start_step) * config["batch_size"] / (time.time() - started))
             with open(os.path.join(config["out"], "metrics.jsonl"), "a") as file:
                 file.write(json.dumps(record) + "\n")
-        if dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0:
+        if gridding:
             save_grid(f"step{done:06d}")
-        interrupted = dist.any(stop.requested)
-        if done % config["save_every"] == 0 or done == last_step or interrupted:
+        if saving:
             if dist.is_main:
-                save_checkpoint(checkpoint_path, model, optimizer, done, config)
+                save_checkpoint(checkpoint_path, model, optimizer, done, config, dist.device)
             last_saved = done
         if interrupted:
             break
