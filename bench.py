@@ -11,7 +11,8 @@ What it measures, side by side on one device in one process:
      (train.py's CIFAR geometry: small model, 128 px, latent patch 2 against pixel patch 8);
   b. LMD that encodes every batch with the VAE (SD VAE layout, TAESD layout) against cached latents, same batch;
   c. model FLOPs utilisation (MFU): the step's counted model FLOPs per second over the FLOP/s of a large dense
-     matmul timed in the same rounds;
+     matmul in the same dtype timed in the same rounds (not the datasheet peak; that ratio is reported too, for
+     the GPUs of NOMINAL_BF16_TFLOPS);
   d. peak memory of each step;
   e. classifier inference images/s: a latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16.
 
@@ -40,6 +41,7 @@ from util import cli
 from util import datasets
 from util import devices
 from util import optim
+from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults and settings, in one block.
@@ -50,6 +52,10 @@ PAPER = dict(name="paper", model="base", image_size=224, latent_patch=4, pixel_p
 CPU_SIZED = dict(name="cpu-sized", model="small", image_size=128, latent_patch=2, pixel_patch=8)
 SMOKE = dict(name="smoke", model="tiny", image_size=32, latent_patch=2, pixel_patch=8)   # --smoke only
 TARGETS = dict(speedup_vs_pixel_mae=3.5, cache_speedup=10.0, mfu=0.5)                   # from the issue
+# Dense (no sparsity) bf16 TFLOP/s from the vendors' datasheets, by a part of the device's name; the first match
+# wins, so the more specific names come first. Another device, or another dtype, has no nominal MFU ("unknown").
+NOMINAL_BF16_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H200", 989), ("A100", 312),
+                       ("L40S", 362), ("L40", 181), ("L4", 121))
 STORE_BATCHES = 4  # the fake dataset holds this many batches, so batches are gathered like real ones
 
 # Batch sizes and iteration counts. train: pretraining batch at the paper setting; small: at the CPU-sized
@@ -82,7 +88,8 @@ def build_parser():
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"),
                         help="'auto': bf16 autocast on CUDA, fp32 elsewhere (the matmul reference uses the same)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the ViTs (not the VAEs), as train.py")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the ViTs' transformer blocks (not the VAEs), as train.py does")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice, one per core)")
     parser.add_argument("--seed", type=int, help="seed of the weights and the fake data (default: 0)")
     parser.add_argument("--json-out", metavar="PATH", help="also write the final JSON object to PATH")
@@ -250,7 +257,7 @@ class Row:
 
 class FakeData:
     """Stand-ins for the data train.py feeds: random images in [0, 1], and a latent cache laid out like
-    latent_cache.encode_dataset's ([N, 2 flips, C, h, w], fp16, host memory). A batch is gathered from it like train.py's."""
+    the latent cache's ([N, 2 flips, C, h, w], fp16, host memory). A batch is gathered from it like train.py's."""
 
     def __init__(self, num_items, image_size, latent_channels, latent_grid, device, seed=0):
         generator = torch.Generator().manual_seed(seed)
@@ -287,7 +294,9 @@ class Trainer:
         grid = datasets.check_geometry(setting["image_size"], downsample, patch)
         self.model = lmd.MaskedLatentViT(setting["model"], grid, patch, channels).to(device)
         self.geometry = setting
-        self.compiled = torch.compile(self.model, dynamic=True) if compile_model else self.model
+        if compile_model:   # as train.py: each transformer block, in place (the FLOP counter still sees through)
+            devices.compile_transformer_blocks(self.model)
+        self.compiled = self.model
         # train.py's optimiser, fused (one pass over the weights instead of a dozen) on CPU as well as CUDA.
         self.optimizer = torch.optim.AdamW(optim.parameter_groups(self.model, 0.05), lr=1.5e-4, betas=(0.9, 0.95),
                                            fused=device.type in ("cuda", "cpu"))
@@ -314,8 +323,8 @@ def training_row(key, group, label, setting, trainer, get_input, projection, bat
         def run():
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 latents = get_input(batch)
-                if projection is not None:          # images -> latents every step (pixels: just [0,1] -> [-1,1])
-                    latents = projection.encode(latents)
+                if projection is not None:          # images -> latents every step, as train.py --no-cache
+                    latents = vaes.encode_images(projection, latents, autocast)
                 loss, _, _ = model(latents, MASK_RATIO, generator=generator)
             loss.backward()
             trainer.optimizer.step()
@@ -333,7 +342,7 @@ def inference_row(key, group, label, setting, classifier, compiled, get_input, p
         def run():
             with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 inputs = get_input(batch)
-                return model(projection.encode(inputs) if projection is not None else inputs)
+                return model(vaes.encode_images(projection, inputs, autocast) if projection is not None else inputs)
         return run
     return Row(key, group, label, setting, batch, make(compiled), make(classifier),
                lambda: state_bytes([classifier, projection]), **kw)
@@ -417,7 +426,7 @@ def print_table(results, header):
     print(header)
     columns = "{:<1}  {:<42} {:<33} {:>5} {:>10}  {:<27} {:>8} {:>9} {:>5}"
     print(columns.format("", "measurement", "setting", "batch", "images/s", "speed-up", "peak MiB", "GFLOP/img",
-                         "MFU"))
+                         "MFU*"))
     for r in sorted(results.values(), key=lambda r: r["group"]):   # stable: groups in order, rows as measured
         speedup = f"{r['speedup']:.2f}x vs {r['speedup_over']}" if "speedup" in r else ""
         speed = f"{r['images_per_second']:.2f}" if r["batch"] else f"{r['tflops'] * 1e3:.0f} GF/s"
@@ -425,6 +434,15 @@ def print_table(results, header):
         mfu = f"{r['mfu']:.2f}" if "mfu" in r else ""
         print(columns.format(r["group"], r["label"], r["setting"], r["batch"] or "", speed, speedup,
                              f"{r['peak_mib']:,.0f}", gflops, mfu))
+    print("* MFU: model FLOP/s over the FLOP/s of the group's measured dense matmul (c) in the same dtype, on this "
+          "device; not over the datasheet peak")
+
+
+def nominal_peak_tflops(name, dtype):
+    """The datasheet's dense bf16 TFLOP/s of the GPU called `name`, or None (not bf16, or not in the table)."""
+    if dtype != torch.bfloat16:
+        return None
+    return next((tflops for part, tflops in NOMINAL_BF16_TFLOPS if part in name), None)
 
 
 def device_name(device):
@@ -537,7 +555,7 @@ def run_benchmark(args, device, started, load_before):
     def classifier(channels, downsample, patch):
         grid = datasets.check_geometry(paper["image_size"], downsample, patch)
         model = lmd.LatentClassifier(lmd.MaskedLatentViT(paper["model"], grid, patch, channels), 1000).to(device)
-        return model.eval(), (torch.compile(model, dynamic=True) if args.compile else model)
+        return model.eval(), (devices.compile_transformer_blocks(model) if args.compile else model)
 
     def classify(key, label, model, inputs, projection, batch, latent, **kw):
         return inference_row(key, "e", label, setting(paper, latent), *model, inputs, projection, batch, autocast,
@@ -585,10 +603,13 @@ def report(results, args, device, dtype, flop_check, started, load_before):
         inference_speedup_sd_vae=results["classify_sd_vae"]["speedup"],
         inference_speedup_taesd=results["classify_taesd"]["speedup"],
         matmul_tflops=results["matmul_paper"]["tflops"],
+        mfu_basis=f"a measured dense {str(dtype).replace('torch.', '')} matmul on this device",
         flop_count_vs_formula=flop_check,
         load_average=dict(before=round(load_before[0], 2), after=round(load_after[0], 2), cores=cores),
         seconds=time.time() - started,
     )
+    peak = nominal_peak_tflops(summary["device_name"], dtype)
+    summary.update(nominal_peak_tflops=peak, mfu_vs_nominal_peak=lmd_row["tflops"] / peak if peak else None)
     summary["targets"] = {name: dict(target=target, measured=summary[name], met=summary[name] >= target)
                           for name, target in TARGETS.items()}
     summary["rows"] = results
@@ -598,9 +619,11 @@ def report(results, args, device, dtype, flop_check, started, load_before):
                          f"{'torch.compile' if args.compile else 'eager'}, mask ratio {MASK_RATIO}, "
                          f"{summary['seconds']:.0f} s")
     setting = "smoke setting (tiny models: these numbers mean nothing)" if args.mode == "smoke" else "paper setting"
+    nominal = (f"{summary['mfu_vs_nominal_peak']:.2f} of the nominal {peak} TFLOP/s" if peak else
+               "unknown against the nominal peak (device not in NOMINAL_BF16_TFLOPS, or not bf16)")
     print(f"\nLMD vs pixel MAE, {setting}: {summary['speedup_vs_pixel_mae']:.2f}x; cached latents vs SD VAE "
-          f"every step: {summary['cache_speedup']:.1f}x; MFU of the LMD step: {summary['mfu']:.2f} "
-          f"(counted FLOPs / formula: {flop_check:.3f})")
+          f"every step: {summary['cache_speedup']:.1f}x; MFU of the LMD step: {summary['mfu']:.2f} of "
+          f"{summary['mfu_basis']}, {nominal} (counted FLOPs / formula: {flop_check:.3f})")
     for name, target in summary["targets"].items():
         print(f"  {name} >= {target['target']}: {'met' if target['met'] else 'NOT met'} ({target['measured']:.2f})")
     if device.type == "cpu" and max(load_before[0], load_after[0]) > 1.25 * cores:

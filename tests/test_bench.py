@@ -60,3 +60,12 @@ def test_smoke_run_ends_with_one_json_line(capsys, tmp_path):
     assert set(summary["targets"]) == set(bench.TARGETS)
     assert json.loads((tmp_path / "bench.json").read_text())["mode"] == "smoke"
     assert any(line.startswith("a  LMD pretraining") for line in lines)   # the table came first
+
+
+def test_nominal_peak_by_device_name():
+    """MFU against the datasheet needs the right row: the more specific names match first, other dtypes none."""
+    bf16 = torch.bfloat16
+    peaks = {name: bench.nominal_peak_tflops(name, bf16) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe",
+             "NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S", "NVIDIA L40", "NVIDIA L4", "Tesla V100-SXM2-32GB")}
+    assert list(peaks.values()) == [989, 756, 989, 312, 362, 181, 121, None]
+    assert bench.nominal_peak_tflops("NVIDIA H100 80GB HBM3", torch.float32) is None
