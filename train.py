@@ -339,9 +339,10 @@ def check_finite(losses, done, non_finite_anywhere, last_saved, out):
 def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, save_grid):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early).
 
-    The losses are read on the host only at logged and saved steps, all those since the last read in one transfer:
-    in between, the CPU prepares the next batches while the GPU computes. Under torchrun one all-reduce a step
-    tells every rank whether any was signalled or saw a non-finite loss, so all stop, or fail, at the same step.
+    The losses are read on the host only at logged and saved steps, all those since the last read in one transfer,
+    and each batch is prepared before the host waits for the previous step, so the CPU works while the GPU computes.
+    Under torchrun one all-reduce a step tells every rank whether any was signalled or saw a non-finite loss, so all
+    stop, or fail, at the same step.
     """
     from tqdm import tqdm
     autocast = devices.autocast_dtype(config["precision"], dist.device)
@@ -350,12 +351,12 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
                disable=not dist.is_main, dynamic_ncols=True)
     last_saved, started, unread = start_step, time.time(), []   # unread: this rank's losses not yet on the host
+    latents = batches.latents(start_step) if start_step < last_step else None
     for step in bar:
         mask_ratio = schedule(step / config["steps"])
         lr = optim.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        latents = batches.latents(step)
         generator = sampling.step_generator(config["seed"], step, dist.rank, dist.device)
         with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
             loss, _, _ = train_model(latents, mask_ratio, config["normalize_targets"], generator=generator)
@@ -364,6 +365,8 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
         optimizer.step()
         done = step + 1
         unread.append(loss.detach())
+        if done < last_step:   # the next batch is gathered on the CPU while the GPU still computes this step
+            latents = batches.latents(done)
         interrupted, non_finite_anywhere = stop.requested, False
         if dist.enabled:
             interrupted, non_finite_anywhere = dist.any_each(stop.requested, ~torch.isfinite(loss))
