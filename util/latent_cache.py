@@ -5,7 +5,8 @@ One cache is a few files under DATA_DIR/lmd_latents/:
     NAME.pt               the index: provenance, shape and class names. Written last, atomically: a cache is
                           complete, and used, only once its index exists
     NAME.parts/
-        latents.f16       latents [N, 2, C, h, w] float16, raw (no header), preallocated, read memory-mapped
+        latents.f16       latents [N, 2, C, h, w] float16, raw (no header: chunk k starts at byte k x CHUNK x the
+                          bytes of an image), preallocated, read memory-mapped
         labels.i64        labels [N] int64, raw
         done.u8           one byte per chunk of CHUNK images: 1 once that chunk's latents and labels are on disk
         build.pt          the settings these files are being built with
@@ -13,7 +14,8 @@ One cache is a few files under DATA_DIR/lmd_latents/:
 Every process of a torchrun job encodes its share of the chunks (chunk k goes to rank k % world_size) with its own
 loader workers and writes them in place, so nobody waits for one rank to encode the whole split, and no process
 holds more than one chunk in memory. A killed build keeps its finished chunks: the same command, with any number
-of processes, encodes only the rest.
+of processes, encodes only the rest. Rank 0 checks a complete cache against the images; the other ranks open it
+without them.
 """
 
 import math
