@@ -13,12 +13,14 @@ The VAE, image size, patch size and model size come from the pretraining checkpo
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import lmd
 from util import checkpoints
@@ -40,11 +42,11 @@ DEFAULTS = dict(
     label_smoothing=None, precision="auto", num_workers=None, device="auto", seed=0, out=None,
 )
 # MAE's recipes. Linear probe: 90 epochs, base lr 0.1, no weight decay (MAE uses LARS for its 16k batches; plain
-# SGD with momentum does the same job for one linear layer at ordinary batch sizes). kNN trains nothing. Fine-tuning: 100 epochs of
-# AdamW, base lr 5e-4, weight decay 0.05, label smoothing 0.1 (layer decay 0.65 is in DEFAULTS).
+# SGD with momentum does the same job for one linear layer at ordinary batch sizes). kNN trains nothing.
+# Fine-tuning: 100 epochs of AdamW, base lr 5e-4, weight decay 0.05, label smoothing 0.1 (layer decay: DEFAULTS).
 RECIPES = dict(
     knn=dict(epochs=0, base_lr=0.0, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0),
-    linprobe=dict(epochs=90, base_lr=0.1, weight_decay=0.0, warmup_epochs=10, label_smoothing=0.0),
+    linprobe=dict(epochs=90, base_lr=0.5, weight_decay=0.0, warmup_epochs=10, label_smoothing=0.0),
     finetune=dict(epochs=100, base_lr=5e-4, weight_decay=0.05, warmup_epochs=5, label_smoothing=0.1),
 )
 CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
@@ -74,8 +76,7 @@ def build_parser():
             help=f"must match the checkpoint's {flag.replace('_', ' ')} if given (default: the checkpoint's)")
     add("--epochs", type=int, help="training epochs (default: 90 linprobe, 100 finetune)")
     add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
-    add("--base-lr", type=float, help="lr per 256 images: lr = base_lr * batch_size / 256 "
-                                      "(default: 0.1 linprobe with SGD, 5e-4 finetune with AdamW)")
+    add("--base-lr", type=float, help="lr = base_lr * batch_size / 256 (default: 0.1 linprobe, 5e-4 finetune)")
     add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
     add("--weight-decay", type=float, help="weight decay (default: 0 linprobe, 0.05 finetune)")
     add("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default: 10 linprobe, 5 finetune)")
@@ -84,8 +85,7 @@ def build_parser():
     add("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0 linprobe, 0.1 finetune)")
     add("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULTS["precision"],
         help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
-    add("--num-workers", type=int, help="image loading processes for pixel runs (--vae none) "
-                                        "(default: CPU count - 1, at most 8)")
+    add("--num-workers", type=int, help="image loading processes for pixel runs (default: the node's cores)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"],
         help="'auto': cuda, then mps, then cpu")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed for the head (and --init scratch), order, flips")
@@ -124,52 +124,16 @@ def resolve_config(flags, checkpoint_path, pretrained):
     config["synthetic_size"] = config["synthetic_size"] or (pretrained.get("synthetic_size", 5000) if same_dataset
                                                             else 5000)
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
-    if os.path.isdir(checkpoint_path):
-        checkpoint_path = os.path.join(checkpoint_path, "checkpoint.pt")
-    config["checkpoint"] = os.path.abspath(checkpoint_path)
-    run_dir = os.path.dirname(config["checkpoint"])
+    is_dir = os.path.isdir(checkpoint_path)
+    config["checkpoint"] = os.path.abspath(os.path.join(checkpoint_path, "checkpoint.pt") if is_dir else checkpoint_path)
     suffix = f"-{config['init']}" if config["mode"] == "finetune" else ""
-    config["out"] = config["out"] or os.path.join(run_dir, config["mode"] + suffix)
+    config["out"] = config["out"] or os.path.join(os.path.dirname(config["checkpoint"]), config["mode"] + suffix)
     for flag in ("epochs", "batch_size"):
         if config[flag] < (flag == "batch_size" or config["mode"] != "knn"):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     if not 0 < config["layer_decay"] <= 1 or not 0 <= config["label_smoothing"] < 1:
         raise cli.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
     return config
-
-
-class Split:
-    """One split as classifier inputs: the cached VAE latents, or (pixel runs, --vae none) images loaded on the fly.
-
-    Both give the same thing for a list of indices and flips: inputs [B, C, h, w] and labels [B] on the device.
-    """
-
-    def __init__(self, config, split, projection, dist):
-        source = datasets.load_image_source(config["dataset"], config["data_dir"], split, config["image_size"],
-                                       config["synthetic_size"])
-        self.classes, self.projection, self.device = source.classes, projection, dist.device
-        self.images = datasets.ImageDataset(source, config["image_size"])   # also feeds the throughput measurement
-        self.latents = None
-        if not projection.is_pixels:   # encode once; the cache holds every image and its mirror image
-            cache = latent_cache.dataset_latents(config, split, projection, dist, source)
-            self.latents, self.labels = cache["latents"], cache["labels"]
-        self.workers = devices.loader_workers(config["num_workers"])
-
-    def __len__(self):
-        return len(self.images)
-
-    def batches(self, index_batches, flip_batches):
-        """For each (indices [B], flips [B], 1 = mirrored) -> (inputs [B, C, h, w] float, labels [B])."""
-        if self.latents is not None:
-            for indices, flips in zip(index_batches, flip_batches):
-                yield self.latents[indices, flips].to(self.device).float(), self.labels[indices].to(self.device)
-            return
-        loader = torch.utils.data.DataLoader(self.images, batch_sampler=[i.tolist() for i in index_batches],
-                                             num_workers=self.workers)
-        for (images, labels), flips in zip(loader, flip_batches):
-            images = images.to(self.device)
-            images = torch.where(flips.to(self.device).bool().view(-1, 1, 1, 1), images.flip(-1), images)
-            yield self.projection.encode(images), labels.to(self.device)
 
 
 @torch.no_grad()
@@ -181,65 +145,32 @@ def evaluate(classifier, data, batch_size, dist, autocast):
     for inputs, labels in data.batches(chunks, [torch.zeros(len(c), dtype=torch.long) for c in chunks]):
         with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
             correct += (classifier(inputs).argmax(dim=-1) == labels).sum().item()
-    if dist.enabled:   # gloo reduces CPU tensors, NCCL CUDA ones
-        total = torch.tensor([correct], device=dist.device if dist.device.type == "cuda" else "cpu")
-        torch.distributed.all_reduce(total)
-        correct = total.item()
+    if dist.enabled:
+        correct = dist.all_gather(torch.tensor([correct])).sum().item()
     return correct / len(data)
 
 
 @torch.no_grad()
-def throughput(classifier, projection, images, device, autocast, repeats=5):
-    """Inference images/second on one batch of images [B, 3, S, S]: (VAE encoding counted, latents given).
-
-    The first is what a user of the classifier pays per raw image; the second is the classifier alone. Two
-    warm-up runs first (kernel selection, allocator), and the device is synchronised around the timed runs.
-    """
+def throughput(classifier, projection, images, device, autocast):
+    """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, latents given). The first is what a
+    user of the classifier pays per raw image; the second is the classifier alone."""
     classifier.eval()
     images = images.to(device)
-    latents = projection.encode(images)
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def images_per_second(run):
-        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            run(), run()
-            synchronize()
-            started = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            synchronize()
-        return repeats * len(images) / (time.perf_counter() - started)
-
-    return (images_per_second(lambda: classifier(projection.encode(images))),
-            images_per_second(lambda: classifier(latents)))
+    latents = vaes.encode_images(projection, images, autocast)
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        return (devices.images_per_second(lambda: classifier(vaes.encode_images(projection, images, autocast)),
+                                          len(images), device),
+                devices.images_per_second(lambda: classifier(latents), len(images), device))
 
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe):
-    """The classifier of `init` ('pretrained' or 'scratch'). Both start from the pretraining seed's random weights:
-    the scratch encoder is exactly the encoder that pretraining started from."""
+    """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from."""
     torch.manual_seed(checkpoint["config"]["seed"])
     autoencoder = checkpoints.build_model(config, projection)
     if init == "pretrained":
         checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
     torch.manual_seed(config["seed"])   # the head's initialisation
     return lmd.LatentClassifier(autoencoder, num_classes, linear_probe)
-
-
-def split_features(classifier, data, dist, flips):
-    """Probe features of a whole split, each process computing every world_size-th image, then gathered:
-    -> features [N, len(flips), width] (one view per flip value), labels [N]."""
-    mine = torch.arange(dist.rank, len(data), dist.world_size)
-    chunks = mine.split(256)
-    views = [probes.encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]))
-             for flip in flips]
-    features, labels = torch.stack([v[0] for v in views], dim=1), views[0][1]
-    if dist.enabled:   # equal-length pieces for all_gather (padding with the last row), then back in index order
-        size = (len(data) + dist.world_size - 1) // dist.world_size
-        pieces = [torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])]) for t in (features, labels)]
-        gathered = [dist.all_gather(piece) for piece in pieces]
-        order = torch.arange(size * dist.world_size).reshape(dist.world_size, size).T.reshape(-1)
-        features, labels = (g[order][:len(data)] for g in gathered)
-    return features, labels
 
 
 def run_probes(config, checkpoint, projection, train_data, val_data, dist):
@@ -249,16 +180,15 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist):
     for init in ("pretrained", "scratch"):
         classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True)
         classifier = classifier.to(dist.device)
-        train_features, train_labels = split_features(classifier, train_data, dist, flips)
-        val_features, val_labels = split_features(classifier, val_data, dist, (0,))
+        train_features, train_labels = probes.split_features(classifier, train_data, dist, flips)
+        val_features, val_labels = probes.split_features(classifier, val_data, dist, (0,))
         if config["mode"] == "knn":
             top1 = probes.knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels)
             summary, history = dict(best=top1, final=top1), []
         else:
             history = probes.linear_probe(train_features, train_labels, val_features[:, 0], val_labels,
-                                          config["epochs"], config["batch_size"], config["base_lr"] if config["lr"]
-                                          is None else config["lr"] * 256 / config["batch_size"],
-                                          config["warmup_epochs"], config["seed"], len(train_data.classes))
+                                          config["epochs"], config["batch_size"], config["lr"] * 256 /
+                                          config["batch_size"], config["warmup_epochs"], config["seed"])
             summary = probes.summarise(history)
         results["top1" if init == "pretrained" else "scratch_top1"] = summary
         results["history" if init == "pretrained" else "scratch_history"] = history
@@ -274,39 +204,36 @@ def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, aut
     optimizer = torch.optim.AdamW(groups, lr=config["lr"], betas=(0.9, 0.999))
     train_model = torch.nn.parallel.DistributedDataParallel(classifier) if dist.enabled else classifier
     steps_per_epoch = len(train_data) // config["batch_size"]
-    if config["warmup_epochs"] >= config["epochs"] and dist.is_main:   # the lr would never reach its peak
-        print(f"note: --warmup-epochs {config['warmup_epochs']} is not below --epochs {config['epochs']}; warming up "
-              f"over the first tenth of training instead", file=sys.stderr)
+    # A warm-up as long as training would never reach the peak lr: then warm up over the first tenth instead.
     warmup_epochs = config["warmup_epochs"] if config["warmup_epochs"] < config["epochs"] else config["epochs"] / 10
     total_steps, warmup_steps = config["epochs"] * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-    no_flip = config["dataset"] in datasets.NO_FLIP
-    from tqdm import tqdm
+    flip = config["dataset"] not in datasets.NO_FLIP
     history, best = [], -1.0
     bar = tqdm(total=total_steps, desc=config["mode"], disable=not dist.is_main, dynamic_ncols=True)
     for epoch in range(config["epochs"]):
         steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
         indices = [sampling.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
                                           dist.world_size) for step in steps]
-        flips = [torch.randint(0, 2, (len(i),), generator=sampling.step_generator(config["seed"], step, dist.rank))
-                 * (not no_flip) for i, step in zip(indices, steps)]
+        flips = [flip * torch.randint(0, 2, (len(i),), generator=sampling.step_generator(config["seed"], step,
+                 dist.rank)) for i, step in zip(indices, steps)]
         train_model.train()
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=dist.device)   # read once an epoch: no host sync per step
         for step, (inputs, labels) in zip(steps, train_data.batches(indices, flips)):
             lr = optim.learning_rate(step, total_steps, warmup_steps, config["lr"])
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
             with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
                 loss = F.cross_entropy(train_model(inputs), labels, label_smoothing=config["label_smoothing"])
-            if not torch.isfinite(loss):
-                raise cli.UserError(f"the loss became {loss.item()} at step {step}; lower --lr or use --precision fp32")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
             bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
+        train_loss = loss_sum.item() / steps_per_epoch
+        if dist.any(not math.isfinite(train_loss)):   # every rank stops, with the same words, before any save
+            raise cli.UserError(f"the loss became non-finite in epoch {epoch + 1}; lower --lr or use --precision fp32")
         top1 = evaluate(classifier, val_data, config["batch_size"], dist, autocast)
-        history.append(dict(epoch=epoch + 1, train_loss=loss_sum / steps_per_epoch, top1=top1))
+        history.append(dict(epoch=epoch + 1, train_loss=train_loss, top1=top1))
         if top1 > best and dist.is_main:   # keep the best epoch's classifier
             checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1,
                                          top1=top1, classes=train_data.classes, config=config,
@@ -328,7 +255,7 @@ def main(argv=None):
     if config["batch_size"] % dist.world_size:
         raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
     projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
-    train_data, val_data = (Split(config, split, projection, dist) for split in ("train", "val"))
+    train_data, val_data = (latent_cache.Split(config, split, projection, dist) for split in ("train", "val"))
     if len(train_data) < config["batch_size"] and config["mode"] == "finetune":
         raise cli.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
                             f"(--batch-size {config['batch_size']}); lower --batch-size")
@@ -336,8 +263,7 @@ def main(argv=None):
     if dist.is_main:
         os.makedirs(config["out"], exist_ok=True)
         if checkpoint.get("step", pretrained.get("steps")) != pretrained.get("steps"):
-            print(f"note: the checkpoint is from step {checkpoint['step']} of {pretrained.get('steps')} (unfinished "
-                  "run)", file=sys.stderr)
+            print(f"note: an unfinished run (step {checkpoint['step']} of {pretrained['steps']})", file=sys.stderr)
         print(f"{config['mode']} of a {config['model']} encoder on {config['dataset']} ({len(train_data)} train / "
               f"{len(val_data)} val images, {len(train_data.classes)} classes), {dist.world_size} process(es) on "
               f"{dist.device}", file=sys.stderr)
@@ -350,25 +276,24 @@ def main(argv=None):
     if dist.is_main:
         results = dict(**fields, mode=config["mode"], init=config["init"], epochs=config["epochs"],
                        checkpoint=config["checkpoint"], dataset=config["dataset"], vae=config["vae"],
-                       model=config["model"], num_classes=len(train_data.classes), val_images=len(val_data),
+                       vae_provenance=pretrained.get("vae_provenance"), model=config["model"],
+                       num_classes=len(train_data.classes), val_images=len(val_data),
                        device=str(dist.device), world_size=dist.world_size, minutes=(time.time() - started) / 60,
                        config=config)
         path = os.path.join(config["out"], "results.json")
-        write_json(results, path)   # before the optional measurement below: nothing is lost if it fails
-        batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
-        with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast)
-        write_json(dict(results, images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
-                        throughput_batch_size=len(batch)), path)
+        for measured in (False, True):   # written before the optional measurement: nothing is lost if it fails
+            if measured:
+                batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
+                with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast)
+                results.update(images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
+                               throughput_batch_size=len(batch))
+            with open(path, "w") as file:
+                json.dump(results, file, indent=2)
         scratch = f", random init {results['scratch_top1']['final']:.4f}" if "scratch_top1" in results else ""
         print(f"done: {config['mode']} top-1 {results['top1']['final']:.4f}{scratch}; inference {with_vae:.0f} "
               f"images/s with the VAE encoding, {latents_only:.0f} from latents; {path}", file=sys.stderr)
     if dist.enabled:
         torch.distributed.destroy_process_group()
-
-
-def write_json(obj, path):
-    with open(path, "w") as file:
-        json.dump(obj, file, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """The datasets: real digits offline, MNIST from local raw files, the patch defaults, the augmentation actually
 applied, and latent caches that follow their content (and whose labels line up with their images)."""
 
-import gzip
 import os
 import struct
 

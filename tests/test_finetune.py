@@ -1,5 +1,6 @@
-"""finetune.py: a short pretraining on the synthetic set, then linear probes (pretrained against scratch),
-fine-tuning end to end as a subprocess, and the clear errors for checkpoints that do not fit."""
+"""finetune.py: a short pretraining on real digits, then the probes (kNN and the cached-feature linear probe,
+each beside the same seed's random init), fine-tuning end to end as a subprocess, and the clear errors for
+checkpoints that do not fit. One test fails if pretraining stops helping."""
 
 import json
 import os
@@ -13,17 +14,19 @@ import finetune
 import lmd
 from util import checkpoints
 from util import cli
+from util import devices
+from util import latent_cache
 from util import optim
+from util import probes as probe_util
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The pretraining the tests share: pixel space (--vae none) at 32 px, patch 8 (16 tokens), so that it takes seconds.
-# (--vae tiny is an untrained VAE whose latents hide the shapes: a linear probe on them stays at chance.)
-PRETRAIN = ["--dataset", "synthetic", "--vae", "none", "--model", "tiny", "--image-size", "32", "--synthetic-size",
-            "320", "--steps", "30", "--batch-size", "64", "--lr", "1e-3", "--eval-images", "64", "--grid-every", "0",
-            "--device", "cpu"]
-LINPROBE = ["--mode", "linprobe", "--epochs", "2", "--batch-size", "64", "--lr", "0.05", "--warmup-epochs", "0.5",
-            "--num-workers", "0", "--device", "cpu"]
+# The pretraining the tests share: scikit-learn's real digits in pixel space (--vae none) at 32 px. It takes about
+# 25 s on two cores, and under kNN its encoder must beat the same seed's random init (see test_pretraining_helps).
+PRETRAIN = ["--dataset", "digits", "--vae", "none", "--model", "tiny", "--patch-size", "8", "--scheduler", "cosine",
+            "--steps", "300", "--batch-size", "32", "--base-lr", "1.5e-3", "--no-normalize-targets",
+            "--eval-images", "64", "--grid-every", "0", "--num-workers", "0", "--device", "cpu"]
+PROBE = ["--num-workers", "0", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -34,46 +37,70 @@ def run(tmp_path_factory):
     return root / "run"
 
 
-def linprobe(run, init):
-    out = run.parent / f"linprobe-{init}"
-    finetune.main(["--checkpoint", str(run), "--init", init, "--out", str(out)] + LINPROBE)
-    return out, json.loads((out / "results.json").read_text())
+def probe(run, mode, *extra):
+    out = run.parent / mode
+    finetune.main(["--checkpoint", str(run), "--mode", mode, "--out", str(out), *PROBE, *extra])
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
-def probes(run):
-    """results.json of the linear probe from the pretrained encoder and from scratch, at the same settings."""
-    return {init: linprobe(run, init)[1] for init in ("pretrained", "scratch")}
+def knn(run):
+    return probe(run, "knn")
 
 
-def test_linear_probe_results(run, probes):
-    for init, results in probes.items():
-        assert results["mode"] == "linprobe" and results["init"] == init and results["epochs"] == 2
-        assert 0 <= results["top1"]["final"] <= results["top1"]["best"] <= 1
-        assert len(results["history"]) == 2 and results["checkpoint"] == str(run / "checkpoint.pt")
-        assert results["images_per_second_with_vae"] > 0 and results["images_per_second_latents_only"] > 0
-    assert probes["pretrained"]["config"]["model"] == "tiny" and probes["pretrained"]["config"]["image_size"] == 32
+def test_pretraining_helps(knn):
+    """On real digits, the pretrained encoder beats its own random init under kNN by at least 2 standard errors.
+
+    Checked for seeds 0-4 (kNN lead 0.0x-0.0x; see docs/probes.md); the test fixes seed 0.
+    """
+    pretrained, scratch = knn["top1"]["final"], knn["scratch_top1"]["final"]
+    margin = 2 * probe_util.standard_error(scratch, knn["val_images"])
+    assert pretrained > scratch + margin, f"kNN: pretrained {pretrained:.3f}, random init {scratch:.3f}"
 
 
-@pytest.mark.xfail(strict=False, reason="on the synthetic set, a pretraining that fits the test budget (or even a few "
-                   "hundred CPU steps) gives features a linear probe reads no better than a random encoder's; "
-                   "see docs_drafts/finetune.md")
-def test_pretrained_linear_probe_beats_scratch_and_chance(probes):
-    best, scratch_best = probes["pretrained"]["top1"]["best"], probes["scratch"]["top1"]["best"]
-    assert best > 0.1 + 0.15, f"pretrained linear probe {best:.3f} is not well above chance (0.1)"
-    assert best > scratch_best + 0.05, f"pretrained {best:.3f} does not beat scratch {scratch_best:.3f}"
+def test_knn_results_carry_the_random_init_baseline(run, knn):
+    assert knn["mode"] == "knn" and knn["val_images"] == 360 and knn["checkpoint"] == str(run / "checkpoint.pt")
+    for key in ("top1", "scratch_top1"):
+        assert set(knn[key]) == {"best", "final"} and knn[key]["best"] == knn[key]["final"]
+    assert knn["scratch_top1"]["final"] > 0.5          # random features are strong on digits: hence the baseline
 
 
-def test_linear_probe_leaves_the_encoder_bit_identical(run, probes):
-    out = run.parent / "linprobe-pretrained"
-    classifier = checkpoints.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
-    pretrained = checkpoints.load_checkpoint(str(run))["model"]
-    encoder = {k[len("encoder."):]: v for k, v in classifier["model"].items() if k.startswith("encoder.")}
-    assert encoder and not any(k.startswith("decoder") for k in encoder)   # the decoder is dropped
-    for name, weight in encoder.items():
-        assert torch.equal(weight, pretrained[name]), f"{name} changed during the linear probe"
-    assert {"head.0.running_mean", "head.1.weight"} <= set(classifier["model"])   # BatchNorm without affine
-    assert "head.0.weight" not in classifier["model"]
+def test_knn_votes_by_weighted_similarity():
+    train_features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+    train_labels = torch.tensor([0, 0, 1])
+    val_features, val_labels = torch.tensor([[0.2, 1.0], [1.0, 0.05]]), torch.tensor([1, 0])
+    assert probe_util.knn_top1(train_features, train_labels, val_features, val_labels, k=3) == 1.0
+    # with k = 3 and a flat temperature, two weak votes for 0 outvote one strong vote for 1
+    assert probe_util.knn_top1(train_features, train_labels, val_features[:1], val_labels[:1], k=3,
+                               temperature=100.0) == 0.0
+
+
+def test_linear_probe_converges_to_the_logistic_regression_reference(run):
+    """The cached-feature linear probe (MAE's recipe, 90 epochs) lands within 2 points of L-BFGS logistic
+    regression on the same frozen features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+    config = finetune.resolve_config({"checkpoint": str(run), "mode": "linprobe", **dict(num_workers=0)}, str(run),
+                                     checkpoints.load_checkpoint(str(run))["config"])
+    dist, projection = devices.Distributed("cpu"), lmd.load_projection("none")
+    checkpoint = checkpoints.load_checkpoint(str(run))
+    classifier = finetune.build_classifier(config, checkpoint, projection, 10, "pretrained", True)
+    (train_x, train_y), (val_x, val_y) = (probe_util.split_features(classifier, latent_cache.Split(config, split, projection,
+                                          dist), dist, (0,)) for split in ("train", "val"))
+    history = probe_util.linear_probe(train_x, train_y, val_x[:, 0], val_y)
+    scaler = StandardScaler().fit(train_x[:, 0].numpy())
+    reference = LogisticRegression(max_iter=2000).fit(scaler.transform(train_x[:, 0].numpy()), train_y.numpy())
+    reference_top1 = reference.score(scaler.transform(val_x[:, 0].numpy()), val_y.numpy())
+    assert abs(history[-1]["top1"] - reference_top1) <= 0.02, (history[-1]["top1"], reference_top1)
+
+
+def test_linear_probe_results_and_baseline(run):
+    results = probe(run, "linprobe", "--epochs", "5")
+    assert results["epochs"] == 5 and len(results["history"]) == len(results["scratch_history"]) == 5
+    for key in ("top1", "scratch_top1"):
+        assert set(results[key]) == {"best", "final", "best_epoch"}
+    assert results["images_per_second_latents_only"] > 0
+    assert not (run.parent / "linprobe" / "classifier.pt").exists()    # a probe trains a head, not a classifier
 
 
 def test_finetune_end_to_end_subprocess(run):
@@ -85,7 +112,7 @@ def test_finetune_end_to_end_subprocess(run):
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "finetune" and results["init"] == "pretrained" and results["epochs"] == 1
-    assert 0 <= results["top1"]["best"] <= 1 and results["top1"]["best"] >= results["top1"]["final"]
+    assert set(results["top1"]) == {"best", "final", "best_epoch"} and "scratch_top1" not in results
     assert results["config"]["label_smoothing"] == 0.1 and results["config"]["layer_decay"] == 0.65
     classifier = checkpoints.load_checkpoint(str(out / "classifier.pt"), kind=finetune.CLASSIFIER_KIND)
     pretrained = checkpoints.load_checkpoint(str(run))["model"]
@@ -104,8 +131,8 @@ def test_linear_probe_on_cached_vae_latents(tmp_path):
     finetune.main(["--checkpoint", str(run), "--epochs", "1", "--batch-size", "32", "--device", "cpu"])
     assert train_cache.stat().st_mtime_ns == written                   # pretraining's cache reused, not rebuilt
     assert len(list((data / "lmd_latents").glob("synthetic-val*"))) == 1
-    results = json.loads((run / "linprobe-pretrained" / "results.json").read_text())   # the default --out
-    assert results["vae"] == "tiny" and 0 <= results["top1"]["best"] <= 1
+    results = json.loads((run / "linprobe" / "results.json").read_text())   # the default --out
+    assert results["vae"] == "tiny" and results["val_images"] == 25
     assert results["images_per_second_latents_only"] > results["images_per_second_with_vae"] > 0
 
 
@@ -134,34 +161,43 @@ def refused(capsys, argv):
     return err
 
 
-def test_missing_truncated_and_foreign_checkpoints_are_refused(run, probes, tmp_path, capsys):
+def test_missing_truncated_and_foreign_checkpoints_are_refused(run, tmp_path, capsys):
     assert "does not exist" in refused(capsys, ["--checkpoint", str(tmp_path / "nowhere")])
     data = (run / "checkpoint.pt").read_bytes()
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     assert "unreadable" in refused(capsys, ["--checkpoint", str(tmp_path / "truncated.pt")])
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
     assert "not an LMD pretraining checkpoint" in refused(capsys, ["--checkpoint", str(tmp_path / "foreign.pt")])
-    classifier = run.parent / "linprobe-pretrained" / "classifier.pt"   # nor is a classifier
+    classifier = run.parent / "finetune-pretrained" / "classifier.pt"   # nor is a classifier
     assert "not an LMD pretraining checkpoint" in refused(capsys, ["--checkpoint", str(classifier)])
 
 
 def test_mismatched_dataset_vae_and_size_are_refused(run, capsys):
     base = ["--checkpoint", str(run), "--device", "cpu"]
     err = refused(capsys, base + ["--dataset", "cifar10"])
-    assert "pretrained on synthetic" in err and "--allow-other-dataset" in err
+    assert "pretrained on digits" in err and "--allow-other-dataset" in err
     assert "pretrained with none" in refused(capsys, base + ["--vae", "tiny"])
     assert "pretrained with tiny" in refused(capsys, base + ["--model", "small"])
     assert "pretrained with 32" in refused(capsys, base + ["--image-size", "64"])
+    assert "already measures the random-init" in refused(capsys, base + ["--mode", "knn", "--init", "scratch"])
+
+
+def test_knn_ignores_training_flags_with_a_note(run, capsys):
+    results = probe(run, "knn", "--epochs", "7", "--lr", "0.3")
+    assert "ignoring --epochs, --lr" in capsys.readouterr().err and results["epochs"] == 0
 
 
 def test_torchrun_two_cpu_processes_linear_probe(run):
-    """finetune.py under torchrun (gloo): each process takes its share of every batch and of the evaluation."""
+    """finetune.py under torchrun (gloo): the processes split the feature extraction, gather it, and get exactly
+    the single-process probe."""
     out = run.parent / "linprobe-ddp"
     completed = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "finetune.py"), "--checkpoint", str(run), "--out", str(out), *LINPROBE[:2],
-         "--epochs", "1", "--batch-size", "64", "--num-workers", "0", "--device", "cpu"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+         os.path.join(ROOT, "finetune.py"), "--checkpoint", str(run), "--out", str(out), "--mode", "linprobe",
+         "--epochs", "5", *PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    assert results["world_size"] == 2 and 0 <= results["top1"]["best"] <= 1
+    single = probe(run, "linprobe", "--epochs", "5")
+    top1 = lambda history: [epoch["top1"] for epoch in history]  # noqa: E731
+    assert results["world_size"] == 2 and top1(results["history"]) == pytest.approx(top1(single["history"]), abs=0.01)

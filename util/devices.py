@@ -127,3 +127,17 @@ def loader_workers(requested=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return min(8, max(per_process - 1, 0))
+
+
+def images_per_second(run, count, device, repeats=5):
+    """Time `run()`, which processes `count` images: two warm-up calls (kernel choice, allocator), then `repeats`
+    timed ones with the device synchronised around them."""
+    import time
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run(), run()
+    synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    synchronize()
+    return repeats * count / (time.perf_counter() - started)

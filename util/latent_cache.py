@@ -221,3 +221,50 @@ def _write_at(path, offset, tensor):
 def _read_bytes(path):
     with open(path, "rb") as file:
         return file.read()
+
+
+class Split:
+    """One split as classifier inputs: the cached VAE latents, or (pixel runs, --vae none) images loaded on the fly.
+
+    Both give the same thing for a list of indices and flips: inputs [B, C, h, w] and labels [B] on the device.
+    A complete cache needs no images: only rank 0 opens them, and only to check the cache (see dataset_latents).
+    """
+
+    def __init__(self, config, split, projection, dist):
+        self.config, self.split, self.projection, self.device = config, split, projection, dist.device
+        self.latents, self._images = None, None
+        if projection.is_pixels:
+            self._images = ImageDataset(dist.main_first(self._source), config["image_size"])
+            self.classes, self.count = self._images.classes, len(self._images)
+        else:   # encoded once; the cache holds every image and its mirror image
+            cache = dataset_latents(config, split, projection, dist)
+            self.latents, self.labels, self.classes = cache["latents"], cache["labels"], cache["classes"]
+            self.count = len(self.labels)
+        self.workers = loader_workers(config["num_workers"])
+
+    def _source(self):
+        c = self.config
+        return load_image_source(c["dataset"], c["data_dir"], self.split, c["image_size"], c["synthetic_size"])
+
+    @property
+    def images(self):
+        """The un-augmented images [3, S, S] (for pictures and throughput), opened on first use."""
+        if self._images is None:
+            self._images = ImageDataset(self._source(), self.config["image_size"])
+        return self._images
+
+    def __len__(self):
+        return self.count
+
+    def batches(self, index_batches, flip_batches):
+        """For each (indices [B], flips [B], 1 = mirrored) -> (inputs [B, C, h, w] float, labels [B])."""
+        if self.latents is not None:
+            for indices, flips in zip(index_batches, flip_batches):
+                yield self.latents[indices, flips].to(self.device).float(), self.labels[indices].to(self.device)
+            return
+        loader = torch.utils.data.DataLoader(self.images, batch_sampler=[i.tolist() for i in index_batches],
+                                             num_workers=self.workers)
+        for (images, labels), flips in zip(loader, flip_batches):
+            images = images.to(self.device)
+            images = torch.where(flips.to(self.device).bool().view(-1, 1, 1, 1), images.flip(-1), images)
+            yield self.projection.encode(images), labels.to(self.device)

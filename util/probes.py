@@ -28,6 +28,23 @@ def encoder_features(classifier, batches):
     return torch.cat(features), torch.cat(labels)
 
 
+def split_features(classifier, data, dist, flips):
+    """Probe features of a whole split (a latent_cache.Split), each process computing every world_size-th image,
+    then gathered: -> features [N, len(flips), width] (one view per flip value), labels [N]."""
+    mine = torch.arange(dist.rank, len(data), dist.world_size)
+    chunks = mine.split(256)
+    views = [encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]))
+             for flip in flips]
+    features, labels = torch.stack([v[0] for v in views], dim=1), views[0][1]
+    if dist.enabled:   # equal-length pieces for all_gather (padding with the last row), then back in index order
+        size = (len(data) + dist.world_size - 1) // dist.world_size
+        pieces = [torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])]) for t in (features, labels)]
+        gathered = [dist.all_gather(piece) for piece in pieces]
+        order = torch.arange(size * dist.world_size).reshape(dist.world_size, size).T.reshape(-1)
+        features, labels = (g[order][:len(data)] for g in gathered)
+    return features, labels
+
+
 @torch.no_grad()
 def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, chunk=1024):
     """Weighted k-nearest-neighbour top-1 (DINO's protocol) -> fraction in [0, 1].
@@ -47,7 +64,7 @@ def knn_top1(train_features, train_labels, val_features, val_labels, k=20, tempe
     return correct / len(val_features)
 
 
-def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.1,
+def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.5,
                  warmup_epochs=10, seed=0, num_classes=None):
     """MAE's linear probe on cached features -> history [dict(epoch, top1)], the top-1 after each epoch.
 
