@@ -7,6 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))   # bench.py, ablation.py, race.py, train_vae.py
 os.environ.setdefault("HF_HUB_OFFLINE", "1")          # tests never touch the network
 
 

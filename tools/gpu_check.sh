@@ -16,7 +16,7 @@ mkdir -p "$OUT_DIR"
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-BENCH=tools/bench.py; [ -f "$BENCH" ] || BENCH=bench.py   # bench.py is moving to tools/
+BENCH=tools/bench.py
 DEADLINE=$((SECONDS + ${BUDGET_S:-470}))                  # the whole script stays under 8 minutes
 FAILED=0
 

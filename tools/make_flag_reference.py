@@ -29,8 +29,8 @@ patch chosen for that grid.
 | dataset | image size | latent grid | latent patch | tokens | pixel patch | tokens |
 |---|---|---|---|---|---|---|"""
 
-# Each script at its first path that exists (bench.py and ablation.py are moving to tools/).
-SCRIPTS = [("train.py",), ("finetune.py",), ("tools/bench.py", "bench.py"), ("tools/ablation.py", "ablation.py"),
+# Each script at its first path that exists.
+SCRIPTS = [("train.py",), ("finetune.py",), ("tools/bench.py",), ("tools/ablation.py",),
            ("tools/race.py",), ("tools/train_vae.py",)]
 
 

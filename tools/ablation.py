@@ -2,9 +2,9 @@
 Scheduler ablation: pretrain with constant, linear, piecewise and cosine masking (same seed, data and steps), then
 linear-probe each encoder, and write OUT/ablation.md (a markdown table) and OUT/ablation.json.
 
-    python ablation.py --out runs/ablation-synthetic --linprobe-epochs 5 -- \\
+    python tools/ablation.py --out runs/ablation-synthetic --linprobe-epochs 5 -- \\
         --dataset synthetic --vae none --model tiny --steps 300 --batch-size 64     # offline, minutes on a laptop
-    python ablation.py --out runs/ablation-cifar10 --linprobe-epochs 20 -- --dataset cifar10 --steps 10000
+    python tools/ablation.py --out runs/ablation-cifar10 --linprobe-epochs 20 -- --dataset cifar10 --steps 10000
 
 Everything after `--` goes to train.py unchanged, the same for the four runs (--scheduler and --out are set here).
 Each run lives in OUT/<scheduler>/ with its grids and curves; its linear probe in OUT/<scheduler>/linprobe/.
@@ -20,11 +20,12 @@ import time
 
 import torch
 
-import lmd
-from util import cli
-from util import pictures
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+import lmd  # noqa: E402
+from util import cli  # noqa: E402
+from util import pictures  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py, finetune.py
 
 
 def build_parser():
@@ -96,7 +97,7 @@ def report(results, argv, seconds):
             f"(lower is better). Linear-probe top-1: last epoch of `finetune.py --mode linprobe`. Wall time: "
             f"train.py's training loop and final evaluation (summary.json); steps/s: optimizer steps per second "
             f"over the loop (metrics.jsonl).\n\n"
-            f"Command: `python ablation.py {shlex.join(argv)}`  \n"
+            f"Command: `python tools/ablation.py {shlex.join(argv)}`  \n"
             f"Machine: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
             f"the whole ablation took {seconds / 60:.1f} min.\n")
 
@@ -125,7 +126,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "ablation.md"), "w") as file:
         file.write(text)
     with open(os.path.join(args.out, "ablation.json"), "w") as file:
-        json.dump(dict(command=["python", "ablation.py", *argv], results=results, torch_version=torch.__version__,
+        json.dump(dict(command=["python", "tools/ablation.py", *argv], results=results, torch_version=torch.__version__,
                        minutes=(time.time() - started) / 60), file, indent=2)
     print(text)
 

@@ -1,9 +1,9 @@
 """
 LMD speed benchmark: is pretraining on cached latents really faster than pixel MAE? One command, one run.
 
-    python bench.py                         # full run: under 5 minutes on a 2-core CPU
-    python bench.py --quick                 # under a minute: smaller batches, fewer rounds
-    python bench.py --device cuda --compile # a GPU, bf16 autocast, torch.compile
+    python tools/bench.py                         # full run: under 5 minutes on a 2-core CPU
+    python tools/bench.py --quick                 # under a minute: smaller batches, fewer rounds
+    python tools/bench.py --device cuda --compile # a GPU, bf16 autocast, torch.compile
 
 What it measures, side by side on one device in one process:
   a. pretraining images/s of LMD on cached latents against the pixel MAE baseline (--vae none): at the paper's
@@ -36,12 +36,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-import lmd
-from util import cli
-from util import datasets
-from util import devices
-from util import optim
-from util import vaes
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
+import lmd  # noqa: E402
+from util import cli  # noqa: E402
+from util import datasets  # noqa: E402
+from util import devices  # noqa: E402
+from util import optim  # noqa: E402
+from util import vaes  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults and settings, in one block.
