@@ -18,7 +18,7 @@ DEFAULT_IMAGE_SIZE = {"cifar10": 128, "cifar100": 128, "mnist": 32, "fashion-mni
 NO_FLIP = ("mnist", "fashion-mnist", "digits")
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bar", "two-dots")
 # Bumped whenever a generated or package-shipped set changes, so that a latent cache made from the old one is rebuilt.
-SOURCE_VERSIONS = {"synthetic": 1, "digits": 1, "mnist": 1, "fashion-mnist": 1}
+SOURCE_VERSIONS = {"synthetic": 2, "digits": 2, "mnist": 1, "fashion-mnist": 1}
 DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION = 0, 0.2
 PAPER_VAE_FACTOR = 8   # the SD VAE's downsampling: what the pixel patch of --vae none is sized against
 
@@ -169,7 +169,7 @@ def image_transform(image_size, augment):
     """augment: 'none' (resize), 'flip' (+ random horizontal flip), 'crop' (random resized crop, MAE's scale
     0.2-1) or 'full' (crop + flip)."""
     from torchvision import transforms
-    steps = [transforms.ToTensor()]
+    steps = [to_tensor]
     if augment in ("crop", "full"):
         steps.append(transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True))
     else:
@@ -177,6 +177,13 @@ def image_transform(image_size, augment):
     if augment in ("flip", "full"):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)
+
+
+def to_tensor(image):
+    """A PIL image -> [3, H, W] float in [0, 1]; a tensor source (synthetic, digits) is one already: no round trip
+    through 8-bit pixels, which cost more than the training step of a small model."""
+    from torchvision.transforms.functional import to_tensor as pil_to_tensor
+    return image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
 
 
 def default_augment(dataset, cached):
@@ -207,9 +214,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         image, label = self.source[index]
-        if isinstance(image, torch.Tensor):       # the synthetic set is already a tensor: convert back for ToTensor
-            image = image.permute(1, 2, 0).mul(255).round().byte().numpy()
-        elif image.mode != "RGB":                 # CIFAR is RGB already; this is for other sources
+        if not isinstance(image, torch.Tensor) and image.mode != "RGB":   # CIFAR is RGB already; MNIST is grey
             image = image.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
