@@ -1,13 +1,14 @@
 """
-Scheduler ablation: pretrain with constant, linear, piecewise and cosine masking (same seed, data and steps), then
-linear-probe each encoder, and write OUT/ablation.md (a markdown table) and OUT/ablation.json.
+Scheduler ablation: pretrain with constant, linear, piecewise and cosine masking (same data, steps and seeds),
+probe each encoder with kNN and the linear probe beside its own random init, and write OUT/ablation.md (a markdown
+table, mean +- std over seeds) and OUT/ablation.json.
 
-    python tools/ablation.py --out runs/ablation-synthetic --linprobe-epochs 5 -- \\
-        --dataset synthetic --vae none --model tiny --steps 300 --batch-size 64     # offline, minutes on a laptop
-    python tools/ablation.py --out runs/ablation-cifar10 --linprobe-epochs 20 -- --dataset cifar10 --steps 10000
+    python tools/ablation.py --out runs/ablation-digits --seeds 1,2,3 -- --dataset digits --vae none \
+        --model tiny --patch-size 8 --steps 600 --batch-size 64 --base-lr 1.5e-3 --no-normalize-targets
+    python tools/ablation.py --out runs/ablation-cifar10 -- --dataset cifar10 --steps 10000
 
-Everything after `--` goes to train.py unchanged, the same for the four runs (--scheduler and --out are set here).
-Each run lives in OUT/<scheduler>/ with its grids and curves; its linear probe in OUT/<scheduler>/linprobe/.
+Everything after `--` goes to train.py unchanged, the same for every run (--scheduler, --seed and --out are set
+here). Each run lives in OUT/<scheduler>-seed<S>/ with its grids and curves, its probes in knn/ and linprobe/.
 """
 
 import json
@@ -30,17 +31,18 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repos
 
 def build_parser():
     parser = cli.ArgumentParser(description="Train the four mask-ratio schedulers side by side and tabulate them.",
-                                     allow_abbrev=False)  # so that train.py's flags pass through untouched
-    parser.add_argument("--out", default="runs/ablation", help="directory for the four runs and the table "
+                                allow_abbrev=False)  # so that train.py's flags pass through untouched
+    parser.add_argument("--out", default="runs/ablation", help="directory for the runs and the table "
                                                                "(default: %(default)s)")
     parser.add_argument("--schedulers", default=",".join(lmd.SCHEDULERS),
                         help="comma-separated schedulers to compare (default: %(default)s)")
-    parser.add_argument("--linprobe-epochs", type=int, default=10,
-                        help="epochs of finetune.py --mode linprobe per run; 0 skips the probe (default: %(default)s)")
-    parser.add_argument("--finetune-args", default="", help="extra finetune.py flags, one quoted string "
-                                                            "(e.g. \"--batch-size 256\")")
-    parser.add_argument("--reuse", action="store_true", help="skip the pretraining of a scheduler whose run "
-                                                             "directory already holds a finished run (summary.json)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per scheduler and seed "
+                                                     "(default: %(default)s)")
+    parser.add_argument("--linprobe-epochs", type=int, default=90,
+                        help="epochs of finetune.py --mode linprobe per run; 0 skips the probes (default: %(default)s)")
+    parser.add_argument("--finetune-args", default="", help="extra finetune.py flags, one quoted string")
+    parser.add_argument("--reuse", action="store_true", help="skip the pretraining of a run whose directory "
+                                                             "already holds a finished run (summary.json)")
     return parser
 
 
@@ -51,41 +53,62 @@ def run(command):
         raise cli.UserError(f"this step of the ablation failed: python {shlex.join(command)}")
 
 
-def pretrain(scheduler, train_args, run_dir, reuse):
+def pretrain(scheduler, seed, train_args, run_dir, reuse):
     """Train one scheduler. -> dict(held_out_loss, minutes, steps_per_second) from train.py's own output."""
     if not (reuse and os.path.exists(os.path.join(run_dir, "summary.json"))):
-        run([os.path.join(HERE, "train.py"), *train_args, "--scheduler", scheduler, "--out", run_dir])
+        run([os.path.join(HERE, "train.py"), *train_args, "--scheduler", scheduler, "--seed", str(seed),
+             "--out", run_dir])
     with open(os.path.join(run_dir, "summary.json")) as file:
         summary = json.load(file)
     with open(os.path.join(run_dir, "config.json")) as file:
         config = json.load(file)
     last = pictures.read_metrics(os.path.join(run_dir, "metrics.jsonl"))[-1]
     # summary.json times the training loop and the final evaluation, not start-up or the one-off latent cache
-    # (which only the first run builds), so the four rows compare like with like.
+    # (which only the first run builds), so the rows compare like with like.
     minutes = summary.get("minutes", summary.get("minutes_this_session"))
-    return dict(scheduler=scheduler, run=run_dir, steps=config["steps"], batch_size=config["batch_size"],
+    return dict(scheduler=scheduler, seed=seed, run=run_dir, steps=config["steps"], batch_size=config["batch_size"],
                 held_out_loss=summary["held_out_loss_at_0_75"], minutes=minutes,
                 steps_per_second=last["images_per_second"] / config["batch_size"])
 
 
-def linear_probe(run_dir, epochs, finetune_args):
-    """finetune.py --mode linprobe on one run. -> top-1 (final epoch, best epoch) as fractions."""
-    out = os.path.join(run_dir, "linprobe")
-    run([os.path.join(HERE, "finetune.py"), "--checkpoint", run_dir, "--mode", "linprobe", "--epochs", str(epochs),
-         "--out", out, *finetune_args])
+def probe(run_dir, mode, epochs, finetune_args):
+    """finetune.py --mode knn or linprobe on one run -> (final top-1, the random init's final top-1)."""
+    out = os.path.join(run_dir, mode)
+    extra = ["--epochs", str(epochs)] if mode == "linprobe" else []
+    run([os.path.join(HERE, "finetune.py"), "--checkpoint", run_dir, "--mode", mode, "--out", out, *extra,
+         *finetune_args])
     with open(os.path.join(out, "results.json")) as file:
-        top1 = json.load(file)["top1"]
-    return top1["final"], top1["best"]
+        results = json.load(file)
+    return results["top1"]["final"], results["scratch_top1"]["final"]
+
+
+COLUMNS = (("held_out_loss", "held-out loss @0.75", "{:.4f}"), ("knn", "kNN top-1", "{:.3f}"),
+           ("knn_scratch", "kNN, random init", "{:.3f}"), ("linprobe", "linear probe top-1", "{:.3f}"),
+           ("linprobe_scratch", "linear probe, random init", "{:.3f}"), ("minutes", "wall time (min)", "{:.2f}"),
+           ("steps_per_second", "steps/s", "{:.2f}"))
+
+
+def mean_std(values, template):
+    """'mean ± std' over seeds (just the value for one seed; 'n/a' when not measured)."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return template.format(mean)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{template.format(mean)} ± {template.format(std)}"
 
 
 def markdown_table(results):
-    """One row per scheduler: held-out loss at 0.75, linear-probe top-1 (final epoch), wall time, steps/s."""
-    lines = ["| scheduler | held-out loss @0.75 | linear-probe top-1 | wall time | steps/s |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        top1 = "n/a" if r.get("top1") is None else f"{100 * r['top1']:.1f}%"
-        lines.append(f"| {r['scheduler']} | {r['held_out_loss']:.4f} | {top1} | {r['minutes']:.1f} min "
-                     f"| {r['steps_per_second']:.2f} |")
+    """One row per scheduler, mean ± std over its seeds: held-out loss, both probes and their random-init
+    baselines (final epoch), wall time and steps/s."""
+    lines = ["| scheduler | seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for scheduler in dict.fromkeys(r["scheduler"] for r in results):
+        mine = [r for r in results if r["scheduler"] == scheduler]
+        cells = [mean_std([r.get(key) for r in mine], template) for key, _, template in COLUMNS]
+        lines.append(f"| {scheduler} | {len(mine)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -94,7 +117,8 @@ def report(results, argv, seconds):
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     return (f"# Scheduler ablation\n\n{markdown_table(results)}\n"
             f"Held-out loss: masked-token MSE on validation images at mask ratio 0.75 with a fixed mask seed "
-            f"(lower is better). Linear-probe top-1: last epoch of `finetune.py --mode linprobe`. Wall time: "
+            f"(lower is better). kNN and linear-probe top-1: `finetune.py --mode knn` and `--mode linprobe` (final "
+            f"epoch), each beside the same seed's random-init encoder. Wall time: "
             f"train.py's training loop and final evaluation (summary.json); steps/s: optimizer steps per second "
             f"over the loop (metrics.jsonl).\n\n"
             f"Command: `python tools/ablation.py {shlex.join(argv)}`  \n"
@@ -109,18 +133,22 @@ def main(argv=None):
     schedulers = [s.strip() for s in args.schedulers.split(",") if s.strip()]
     for name in schedulers:
         lmd.MaskSchedule(name)  # an unknown name is a UserError before anything runs
-    if any(a.split("=")[0] in ("--scheduler", "--resume") for a in train_args):
-        raise cli.UserError("ablation.py sets --scheduler itself, and --resume does not apply; drop the flag")
-    if args.linprobe_epochs and not os.path.exists(os.path.join(HERE, "finetune.py")):
-        raise cli.UserError("finetune.py is missing, so there is no linear probe; pass --linprobe-epochs 0")
+    if any(a.split("=")[0] in ("--scheduler", "--seed", "--resume") for a in train_args):
+        raise cli.UserError("ablation.py sets --scheduler and --seed itself, and --resume does not apply; drop "
+                            "the flag")
+    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
     started = time.time()
     results = []
     for scheduler in schedulers:
-        result = pretrain(scheduler, train_args, os.path.join(args.out, scheduler), args.reuse)
-        result["top1"], result["top1_best"] = (linear_probe(result["run"], args.linprobe_epochs,
-                                                            shlex.split(args.finetune_args))
-                                               if args.linprobe_epochs else (None, None))
-        results.append(result)
+        for seed in seeds:
+            result = pretrain(scheduler, seed, train_args, os.path.join(args.out, f"{scheduler}-seed{seed}"),
+                              args.reuse)
+            if args.linprobe_epochs:
+                extra = shlex.split(args.finetune_args)
+                result["knn"], result["knn_scratch"] = probe(result["run"], "knn", 0, extra)
+                result["linprobe"], result["linprobe_scratch"] = probe(result["run"], "linprobe",
+                                                                       args.linprobe_epochs, extra)
+            results.append(result)
     os.makedirs(args.out, exist_ok=True)
     text = report(results, argv, time.time() - started)
     with open(os.path.join(args.out, "ablation.md"), "w") as file:
