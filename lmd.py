@@ -299,12 +299,13 @@ class MaskedLatentViT(nn.Module):
 
         Only the K visible tokens enter the encoder: that, and the short latent sequence, is where the speed is.
         """
-        visible_tokens, mask, restore_indices = random_masking(self.embed(latents), mask_ratio, generator)
-        return self.encode_tokens(visible_tokens), mask, restore_indices
+        tokens = self.embed(latents)                                                  # patches -> embeddings
+        visible_tokens, mask, restore_indices = random_masking(tokens, mask_ratio, generator)   # hide most of them
+        return self.encode_tokens(visible_tokens), mask, restore_indices              # encode what is left
 
     def forward_decoder(self, encoded, restore_indices):
         """encoded [B, 1 + K, width] -> predictions [B, L, p*p*C] for every token."""
-        x = self.decoder_embed(encoded)
+        x = self.decoder_embed(encoded)                           # to the decoder's width
         batch, length = restore_indices.shape
         mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
         shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)      # visible first, then masked
@@ -312,13 +313,13 @@ class MaskedLatentViT(nn.Module):
         x = torch.cat([x[:, :1], unshuffled], dim=1) + self.decoder_pos_embed  # added (the authors subtract it)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_head(self.decoder_norm(x))[:, 1:]
+        return self.decoder_head(self.decoder_norm(x))[:, 1:]     # a guess for every token, the class token dropped
 
     def forward(self, latents, mask_ratio, normalize_targets=True, generator=None):
         """latents [B, C, H, W] -> (loss [], predictions [B, L, p*p*C], mask [B, L])."""
-        encoded, mask, restore_indices = self.forward_encoder(latents, mask_ratio, generator)
-        predictions = self.forward_decoder(encoded, restore_indices)
-        loss = masked_token_loss(predictions, self.patchify(latents), mask, normalize_targets)
+        encoded, mask, restore_indices = self.forward_encoder(latents, mask_ratio, generator)   # visible only
+        predictions = self.forward_decoder(encoded, restore_indices)                           # every token
+        loss = masked_token_loss(predictions, self.patchify(latents), mask, normalize_targets)  # scored if hidden
         return loss, predictions, mask
 
 
