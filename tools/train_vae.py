@@ -1,7 +1,7 @@
 """
 Train a small diffusers AutoencoderKL (SD layout, 4 latent channels, downsampling 4) on a small dataset.
 
-    python tools/train_vae.py --dataset digits --out runs/vae_digits      # about 1.5 minutes on 2 CPU cores
+    python tools/train_vae.py --dataset digits --out runs/vae_digits      # 1.5-3 minutes on 2 CPU cores
     python train.py --vae runs/vae_digits ...                              # then use it as the frozen VAE
 
 Writes VAE_DIR as `save_pretrained` does (config.json + weights, loadable by lmd.load_projection), with
@@ -31,8 +31,9 @@ except ImportError:
     from lmd import ArgumentParser, UserError, run_cli, select_device
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. On --dataset digits, 500 steps of 16 images take about 1.5 minutes on 2 CPU cores
-# and reach ~42 dB val PSNR (300 steps: ~38 dB, 1000 steps: ~47 dB).
+# Defaults, in one block. On --dataset digits, 500 steps of 16 images reach ~42 dB val PSNR (300: ~38 dB, 1000:
+# ~47 dB). 2 idle CPU cores: ~0.14 s a step, ~1.5 minutes in all. On a busy shared CPU, --threads 1 is much faster
+# (measured at load 4: 189 s with one thread, 763 s with PyTorch's two).
 DEFAULTS = dict(
     dataset="digits", data_dir="./data", out=None, image_size=32, steps=500, batch_size=16, lr=1e-3,
     warmup_steps=50, kl_weight=1e-4, seed=0, device="auto", threads=0, grid_images=8,
