@@ -19,16 +19,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # runnable as `python tools/train_vae.py` from anywhere
 
-import torch
-import torch.nn.functional as F
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-import lmd
-
-try:  # the script helpers are moving from lmd.py to util/; either home works until the move lands
-    from util.cli import ArgumentParser, UserError, run_cli
-    from util.devices import select_device
-except ImportError:
-    from lmd import ArgumentParser, UserError, run_cli, select_device
+import lmd  # noqa: E402
+from util.cli import ArgumentParser, UserError, run_cli  # noqa: E402
+from util.datasets import DATASETS, load_image_tensors  # noqa: E402
+from util.devices import select_device  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. On --dataset digits, 500 steps of 16 images reach ~42 dB val PSNR (300: ~38 dB, 1000:
@@ -50,7 +47,7 @@ def build_parser():
             kwargs["help"] += f" (default: {default:g})" if isinstance(default, float) else f" (default: {default})"
         parser.add_argument(flag, default=default, **kwargs)
 
-    add("--dataset", help="training images, read through util.data ('digits': scikit-learn's 8x8 digits)")
+    add("--dataset", help="training images, read through util.datasets ('digits': scikit-learn's 8x8 digits)")
     add("--data-dir", help="dataset root, as for train.py (digits need none: scikit-learn ships them)")
     add("--out", required=True, metavar="VAE_DIR", help="directory to write the VAE to (save_pretrained layout); "
                                                         "an existing one must be an earlier VAE, it is overwritten")
@@ -92,25 +89,9 @@ def is_vae_dir(path):
 
 def load_split(dataset, data_dir, split, image_size):
     """-> (images [N, 3, S, S] float32 in [0, 1], labels [N] long) for split 'train' or 'val'."""
-    try:
-        from util.data import load_image_tensors
-    except ImportError:  # FALLBACK until util.data exists: remove with _load_digits below
-        load_image_tensors = _load_digits
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     return load_image_tensors(dataset, data_dir, split, image_size)
-
-
-def _load_digits(dataset, data_dir, split, image_size):
-    """FALLBACK (remove once util.data exists): scikit-learn's digits, a fixed stratified 80/20 split."""
-    if dataset != "digits":
-        raise UserError(f"unknown dataset {dataset!r}; without util.data only 'digits' is available")
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-    digits = load_digits()
-    indices = train_test_split(range(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0)
-    index = torch.tensor(indices[0 if split == "train" else 1])
-    images = torch.tensor(digits.images, dtype=torch.float32)[index, None] / 16  # [N, 1, 8, 8], 0..16 -> [0, 1]
-    images = F.interpolate(images, size=image_size, mode="bilinear", align_corners=False).clamp(0, 1)
-    return images.expand(-1, 3, -1, -1).contiguous(), torch.tensor(digits.target[index], dtype=torch.long)
 
 
 def build_vae():
