@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import lmd  # noqa: E402
 from util import cli, datasets, devices, optim, probes, sampling, vaes  # noqa: E402
 
+# The laptop recipe of the README (tiny model, unnormalised targets), the same for the three methods.
 DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, warmup_fraction=0.05, probes=8,
                 calibration_steps=6)
 METHODS = {"pixel_mae": ("pixels", "constant"), "lmd": ("latents", "cosine"), "latent_mae": ("latents", "constant")}
@@ -44,6 +45,9 @@ def build_parser():
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default: 1)")
     parser.add_argument("--image-size", type=int, help="image side (default: the dataset's, 32 for digits)")
+    parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
+                        help="probe points along each run (default: %(default)s)")
+    parser.add_argument("--linprobe-epochs", type=int, default=90, help="epochs of each linear probe (default: 90)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="(default: auto)")
     return parser
 
@@ -75,7 +79,7 @@ def encode_views(projection, images, flips, device, batch_size=256):
     return torch.stack(views, dim=1)
 
 
-def probe(model, data, device):
+def probe(model, data, device, epochs=90):
     """kNN and linear-probe top-1 of the model's encoder on frozen features."""
     classifier = lmd.LatentClassifier(copy.deepcopy(model), len(set(data["train_labels"].tolist())),
                                       linear_probe=True).to(device)
@@ -86,7 +90,7 @@ def probe(model, data, device):
         features[split] = probes.encoder_features(classifier, batches)[0]
     knn = probes.knn_top1(features["train"], data["train_labels"], features["val"], data["val_labels"])
     history = probes.linear_probe(features["train"].unsqueeze(1), data["train_labels"], features["val"],
-                                  data["val_labels"])
+                                  data["val_labels"], epochs=epochs, warmup_epochs=min(10, epochs // 9))
     return dict(knn_top1=knn, linprobe_top1=history[-1]["top1"])
 
 
@@ -115,7 +119,7 @@ def make_optimizer(model):
     return torch.optim.AdamW(optim.parameter_groups(model, DEFAULTS["weight_decay"]), betas=(0.9, 0.95))
 
 
-def calibrate(data, schedule, seconds, seed, device):
+def calibrate(data, schedule, seconds, seed, device, minimum_steps):
     """Steps that fill `seconds`: time a few steps at ratios spread over the schedule (a progressive schedule keeps
     more tokens visible early, so its early steps cost more), on a throw-away model."""
     model, n = new_model(data, seed, device), DEFAULTS["calibration_steps"]
@@ -125,7 +129,7 @@ def calibrate(data, schedule, seconds, seed, device):
     for step in range(n):
         train_step(model, optimizer, data, schedule, step, n, seed, device)
     synchronize(device)
-    return max(DEFAULTS["probes"], int(seconds / ((time.perf_counter() - started) / n)))
+    return max(minimum_steps, int(seconds / ((time.perf_counter() - started) / n)))
 
 
 def synchronize(device):
@@ -133,14 +137,14 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def run_method(name, data, seed, seconds, offset, device):
-    """Train one method for `seconds` of wall-clock, probing at DEFAULTS['probes'] evenly spaced steps."""
+def run_method(name, data, seed, seconds, offset, device, args):
+    """Train one method for `seconds` of wall-clock, probing at args.probes evenly spaced steps."""
     from tqdm import tqdm
     schedule = lmd.MaskSchedule(METHODS[name][1])
-    steps = calibrate(data, schedule, seconds, seed, device)
+    steps = calibrate(data, schedule, seconds, seed, device, args.probes)
     model = new_model(data, seed, device)
     optimizer, points, clock = make_optimizer(model), [], 0.0
-    probe_at = {round(steps * (i + 1) / DEFAULTS["probes"]) for i in range(DEFAULTS["probes"])}
+    probe_at = {round(steps * (i + 1) / args.probes) for i in range(args.probes)}
     started = time.perf_counter()
     for step in tqdm(range(steps), desc=f"{name} seed {seed}", dynamic_ncols=True):
         train_step(model, optimizer, data, schedule, step, steps, seed, device)
@@ -148,7 +152,8 @@ def run_method(name, data, seed, seconds, offset, device):
             synchronize(device)
             clock += time.perf_counter() - started
             points.append(dict(seed=seed, step=step + 1, seconds=offset + clock,
-                               images=(step + 1) * DEFAULTS["batch_size"], **probe(model, data, device)))
+                               images=(step + 1) * DEFAULTS["batch_size"],
+                               **probe(model, data, device, args.linprobe_epochs)))
             started = time.perf_counter()
     return points
 
@@ -237,17 +242,18 @@ def prepare(args, device):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.image_size = args.image_size or datasets.DEFAULT_IMAGE_SIZE[args.dataset]
-    if args.minutes <= 0 or args.seeds < 1:
-        raise cli.UserError("--minutes must be positive and --seeds at least 1")
+    if args.minutes <= 0 or args.seeds < 1 or args.probes < 1 or args.linprobe_epochs < 1:
+        raise cli.UserError("--minutes must be positive, and --seeds, --probes and --linprobe-epochs at least 1")
     device = devices.select_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     spaces, vae = prepare(args, device)
     results = {name: [] for name in METHODS}
-    results["random"] = {space: probe(new_model(data, 0, device), data, device) for space, data in spaces.items()}
+    results["random"] = {space: probe(new_model(data, 0, device), data, device, args.linprobe_epochs)
+                         for space, data in spaces.items()}
     for seed in range(args.seeds):
         for name, (space, _) in METHODS.items():
             offset = vae["offset_seconds"] if space == "latents" else 0.0
-            results[name] += run_method(name, spaces[space], seed, args.minutes * 60, offset, device)
+            results[name] += run_method(name, spaces[space], seed, args.minutes * 60, offset, device, args)
     results.update(vae=vae, device=str(device), minutes=args.minutes, seeds=args.seeds,
                    patch_size={space: data["patch_size"] for space, data in spaces.items()},
                    tokens={space: (data["train_inputs"].shape[-1] // data["patch_size"]) ** 2
