@@ -125,7 +125,8 @@ def resolve_config(flags, checkpoint_path, pretrained):
                                                             else 5000)
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
     is_dir = os.path.isdir(checkpoint_path)
-    config["checkpoint"] = os.path.abspath(os.path.join(checkpoint_path, "checkpoint.pt") if is_dir else checkpoint_path)
+    config["checkpoint"] = os.path.abspath(os.path.join(checkpoint_path, "checkpoint.pt") if is_dir
+                                           else checkpoint_path)
     suffix = f"-{config['init']}" if config["mode"] == "finetune" else ""
     config["out"] = config["out"] or os.path.join(os.path.dirname(config["checkpoint"]), config["mode"] + suffix)
     for flag in ("epochs", "batch_size"):

@@ -499,8 +499,8 @@ def run_benchmark(args, device, started, load_before):
 
     def setting(geometry, latent):
         patch = geometry["latent_patch"] if latent else geometry["pixel_patch"]
-        return f"{geometry['name']}: {geometry['model']} {geometry['image_size']}px {'latent' if latent else 'pixel'} " \
-               f"p{patch}"
+        space = "latent" if latent else "pixel"
+        return f"{geometry['name']}: {geometry['model']} {geometry['image_size']}px {space} p{patch}"
 
     def train(key, group, label, trainer, inputs, projection, batch, latent, **kw):
         return training_row(key, group, label, setting(trainer.geometry, latent), trainer, inputs, projection, batch,
@@ -532,7 +532,8 @@ def run_benchmark(args, device, started, load_before):
             train("lmd_sd_vae_every_step", "b", "LMD pretraining, SD VAE encode every step", lmd_paper,
                   data.image_batch, sd, plan["cache"], True, warmup=0, heavy=heavy, short="SD VAE every step"),
             train("lmd_taesd_every_step", "b", "LMD pretraining, TAESD encode every step", lmd_paper,
-                  data.image_batch, taesd, plan["cache"], True, baseline="lmd_sd_vae_every_step", warmup=0, heavy=heavy),
+                  data.image_batch, taesd, plan["cache"], True, baseline="lmd_sd_vae_every_step", warmup=0,
+                  heavy=heavy),
             matmul_row("matmul_vae", "b", plan["matmul"], dtype, device)]
     run_group(rows, "b. cached latents vs VAE every step")
     del lmd_paper, rows
