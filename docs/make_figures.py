@@ -21,7 +21,8 @@ DOCS = os.path.dirname(os.path.abspath(__file__))
 
 
 def plot_pipeline(path):
-    """image -> VAE -> latent patches -> masking -> encoder -> decoder -> loss, as boxes and arrows."""
+    """image -> VAE -> latent patches -> masking -> encoder -> decoder -> loss, as boxes and arrows, and the
+    target tokens' arrow from the latent patches to the loss."""
     from matplotlib.figure import Figure
     from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
     image, _ = datasets.synthetic_image(3, 224)
@@ -30,8 +31,8 @@ def plot_pipeline(path):
     pixel_mask = pictures.token_mask_to_pixels(mask, grid, 224)[0]
     masked = image * (1 - pixel_mask) + 0.5 * pixel_mask
 
-    figure = Figure(figsize=(13, 3.4))
-    axes = figure.add_axes([0, 0, 1, 1], xlim=(0, 13), ylim=(0, 3.4))
+    figure = Figure(figsize=(13, 4.2))
+    axes = figure.add_axes([0, 0, 1, 1], xlim=(0, 13), ylim=(0, 4.2))
     axes.axis("off")
     stages = [  # (x centre, title, detail, colour)
         (0.8, "image", "3 x 224 x 224\nin [0, 1]", None),
@@ -53,8 +54,14 @@ def plot_pipeline(path):
     for left, right in zip(stages, stages[1:]):
         axes.add_artist(FancyArrowPatch((left[0] + 0.8, 1.9), (right[0] - 0.8, 1.9), arrowstyle="-|>",
                                         mutation_scale=15, color="black"))
+    # The target: the latent tokens themselves (normalised per token), compared with the decoder's output at the
+    # masked positions only. Drawn over the row, from the top of the latent patches to the top of the loss.
+    axes.add_artist(FancyArrowPatch((4.4, 2.7), (11.8, 2.7), connectionstyle="bar,fraction=-0.1", arrowstyle="-|>",
+                                    mutation_scale=15, color="#31a354", linewidth=1.5))
+    axes.text(8.1, 3.62, "target tokens: all tokens, normalised per token (the loss reads the masked ones)",
+              ha="center", va="bottom", fontsize=9, color="#31a354")
     for x, picture in ((0.8, image), (6.2, masked)):   # real pixels: a synthetic image and a real 0.75 mask
-        inset = figure.add_axes([(x - 0.55) / 13, 1.35 / 3.4, 1.1 / 13, 1.1 / 3.4])
+        inset = figure.add_axes([(x - 0.55) / 13, 1.35 / 4.2, 1.1 / 13, 1.1 / 4.2])
         inset.imshow(picture.permute(1, 2, 0).numpy())
         inset.set_xticks([])
         inset.set_yticks([])
