@@ -6,14 +6,13 @@ LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive m
     torchrun --nproc_per_node=8 train.py --dataset imagefolder --data-dir /data/imagenet --model base
     python train.py --resume runs/lmd                                   # continue an interrupted run exactly
 
-Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step) and OUT/checkpoint.pt.
+Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step), OUT/checkpoint.pt, reconstruction
+grids OUT/grid_*.png, OUT/curves.png and, at the end, OUT/summary.json.
 """
 
 import argparse
 import json
-import math
 import os
-import signal
 import sys
 import time
 
@@ -24,14 +23,14 @@ from util import checkpoints
 from util import cli
 from util import datasets
 from util import devices
-from util import latent_cache
 from util import optim
 from util import pictures
+from util import pretraining
 from util import sampling
 from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. Image and patch size default per dataset (datasets.DATASET_DEFAULTS).
+# Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
@@ -48,7 +47,7 @@ RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile
 def build_parser():
     # Unset flags stay absent (SUPPRESS) so that resume can tell what was typed from what was defaulted.
     parser = cli.ArgumentParser(description="LMD pretraining (masked autoencoder on VAE latents).",
-                                     argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS)
 
     def add(flag, **kwargs):
         default = DEFAULTS[flag[2:].replace("-", "_")]
@@ -96,12 +95,14 @@ def build_parser():
     add("--num-workers", type=int, help="image loading processes when not training on cached latents "
                                         "(default: the cores / processes per node - 1, at most 8)")
     add("--out", help="run directory for config.json, metrics.jsonl and checkpoints")
-    add("--log-every", type=int, help="write a metrics line every N steps")
+    add("--log-every", type=int, help="write a metrics line every N steps (and at every grid)")
     add("--save-every", type=int, help="save OUT/checkpoint.pt every N steps (and always at the end)")
-    add("--eval-images", type=int, help="held-out images for the final masked-token loss at ratio 0.75")
+    add("--eval-images", type=int, help="validation images for the held-out masked-token loss at ratio 0.75 "
+                                        "(at every grid and at the end)")
     add("--resume", metavar="RUN", help="continue the run in this directory (or checkpoint file) exactly")
     add("--grid-every", type=int, metavar="N", help="write OUT/grid_stepNNNNNN.png (reconstructions of 8 fixed "
-        "validation images) every N steps, and OUT/grid_final.png at the end; 0 disables the periodic grids")
+        "validation images) and the held-out loss (metrics.jsonl) every N steps, and OUT/grid_final.png at the "
+        "end; 0 disables the periodic grids")
     add("--eval-only", action="store_true", help="with --resume RUN: write RUN/grid_eval.png and RUN/eval.json "
         "(held-out masked-token loss at ratio 0.75) and exit; trains nothing, leaves the checkpoint untouched")
     add("--stop-after-step", type=int, metavar="STEP", help="save and stop after this step, as if interrupted "
@@ -132,163 +133,18 @@ def resolve_config(flags, given):
     return config
 
 
-def resumed_config(flags, given, checkpoint):
-    """The saved config, with the few flags that may change on resume; any other changed flag is an error."""
-    config = dict(checkpoint["config"], stop_after_step=flags["stop_after_step"])  # a stop is for one session only
-    for flag in given - {"resume", "out"}:
-        if flag in RESUME_OVERRIDES:
-            config[flag] = flags[flag]
-        elif flags[flag] != config.get(flag):
-            raise cli.UserError(f"--{flag.replace('_', '-')} {flags[flag]} differs from the resumed run "
-                                f"({config.get(flag)}); drop the flag to continue the same run")
-    return config
-
-
-class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second Ctrl-C aborts.
-
-    SIGTERMs never abort: under SLURM and torchrun each process gets two (SLURM signals every process of the job,
-    and torchrun forwards its own), and the second must not throw the save away. A context manager: the previous
-    handlers come back when training ends.
-    """
-
-    def __enter__(self):
-        self.requested = self.interrupted = False   # interrupted: a Ctrl-C (SIGINT) came
-        self.previous = {number: signal.signal(number, self._handle) for number in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc_info):
-        for number, handler in self.previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, signal_number, frame):
-        if signal_number == signal.SIGINT:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-        if not self.requested:
-            print(f"\n{signal.Signals(signal_number).name}: saving a checkpoint at the end of this step "
-                  "(Ctrl-C again aborts without saving)", file=sys.stderr)
-        self.requested = True
-
-
-class TrainingBatches:
-    """Latents for each step: indexed from the latent cache, or loaded and encoded on the fly.
-
-    Both are a pure function of (seed, step, rank): the data order, the flips and the crops of a resumed run are
-    the ones the uninterrupted run would have used.
-    """
-
-    def __init__(self, config, projection, dist, start_step):
-        self.config, self.projection, self.dist = config, projection, dist
-        self.autocast = devices.autocast_dtype(config["precision"], dist.device)
-        self.loader = None
-        if config["cache"]:   # a complete cache is opened without the images: an image folder is not even listed
-            self.cache = latent_cache.dataset_latents(config, "train", projection, dist)
-            self.num_items = len(self.cache["labels"])
-        else:                 # rank 0 first: it downloads the dataset if needed while the others wait
-            source = dist.main_first(lambda: datasets.load_image_source(
-                config["dataset"], config["data_dir"], "train", config["image_size"], config["synthetic_size"]))
-            self.num_items = len(source)
-        if self.num_items < config["batch_size"]:
-            raise cli.UserError(f"the training set has {self.num_items} images, fewer than one batch "
-                                f"(--batch-size {config['batch_size']}); lower --batch-size")
-        if not config["cache"]:
-            images = datasets.ImageDataset(source, config["image_size"], config["augment"])
-            workers = devices.loader_workers(config["num_workers"])
-            self.loader = iter(torch.utils.data.DataLoader(
-                images, batch_sampler=self._seeded_batches(start_step), num_workers=workers,
-                pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0))
-
-    def _indices(self, step):
-        return sampling.batch_indices(step, self.num_items, self.config["batch_size"], self.config["seed"],
-                                 self.dist.rank, self.dist.world_size)
-
-    def _seeded_batches(self, start_step):
-        for step in range(start_step, self.config["steps"]):
-            yield [(int(i), sampling.augmentation_seed(self.config["seed"], step, int(i))) for i in self._indices(step)]
-
-    def latents(self, step):
-        """This rank's latents for `step` [batch / world_size, C, h, w] on the training device."""
-        device = self.dist.device
-        if self.loader is not None:   # encoded here: in chunks, in bf16 where the GPU has it (as bench.py does)
-            images, _ = next(self.loader)
-            return vaes.encode_images(self.projection, images.to(device, non_blocking=True), self.autocast)
-        indices = self._indices(step)
-        generator = sampling.step_generator(self.config["seed"], step, self.dist.rank)
-        flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
-        flips *= self.config["augment"] == "flip"                            # digit sets: never the mirror image
-        batch = self.cache["latents"][indices, flips]
-        if device.type == "cuda":
-            batch = batch.pin_memory()
-        return batch.to(device, non_blocking=True).float()
-
-
-@torch.no_grad()
-def held_out_loss(model, projection, config, device, mask_ratio=0.75, num_images=256):
-    """Masked-token loss on the first `num_images` validation images at a fixed ratio and a fixed mask seed."""
-    source = datasets.load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
-                                   config["synthetic_size"])
-    images = datasets.ImageDataset(source, config["image_size"])
-    subset = torch.utils.data.Subset(images, range(min(num_images, len(images))))
-    generator = sampling.step_generator(config["seed"], -1, device=device)
-    model.eval()
-    total, count = 0.0, 0
-    for batch, _ in torch.utils.data.DataLoader(subset, batch_size=64):
-        latents = projection.encode(batch.to(device))
-        loss, _, _ = model(latents, mask_ratio, config["normalize_targets"], generator=generator)
-        total, count = total + loss.item() * len(batch), count + len(batch)
-    model.train()
-    return total / max(count, 1)
-
-
-class GridWriter:
-    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9).
-
-    The images are loaded once, on the first grid, not at every one.
-    """
-
-    def __init__(self, model, projection, config):
-        self.model, self.projection, self.config, self.images = model, projection, config, None
-
-    def __call__(self, name):
-        if self.images is None:
-            self.images = pictures.grid_images(self.config)
-        return pictures.save_reconstruction_grid(self.model, self.projection, self.images,
-                                            os.path.join(self.config["out"], f"grid_{name}.png"),
-                                            self.config["normalize_targets"], self.config["seed"])
-
-
-def evaluate(model, projection, config, dist, step):
-    """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
-    if not dist.is_main:
-        return
-    loss = held_out_loss(model, projection, config, dist.device, num_images=config["eval_images"])
-    grid = GridWriter(model, projection, config)("eval")
-    result = dict(step=step, steps=config["steps"], held_out_loss_at_0_75=loss, eval_images=config["eval_images"],
-                  grid=grid)
-    with open(os.path.join(config["out"], "eval.json"), "w") as file:
-        json.dump(result, file, indent=2)
-    print(f"step {step}/{config['steps']}: held-out masked-token loss at ratio 0.75 = {loss:.4f}; grid: {grid}")
-
-
-def save_checkpoint(path, model, optimizer, step, config, device):
-    checkpoints.save_atomic(dict(kind=checkpoints.CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                         step=step, config=config, torch_version=torch.__version__,
-                         rng=checkpoints.rng_state(device)), path)
-
-
 def load_config(argv):
     """-> (the run's config, the checkpoint to resume from or None)."""
     flags, given = parse_flags(argv)
-    resume = flags["resume"]
-    if not resume:
-        return resolve_config(flags, given), None
-    checkpoint = checkpoints.load_checkpoint(resume)
-    config = resumed_config(flags, given, checkpoint)
-    config["out"] = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
-    checkpoint["path"] = resume
-    return config, checkpoint
+    if flags["resume"]:
+        return pretraining.resumed_run(flags, given, RESUME_OVERRIDES)
+    return resolve_config(flags, given), None
+
+
+def mask_schedule(config):
+    """The run's mask-ratio schedule (built first thing, so that bad ratios fail before any data is encoded)."""
+    return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
+                            config["ramp_fraction"], config["mask_ratio"])
 
 
 def build_run(config, checkpoint, dist):
@@ -308,35 +164,8 @@ def build_run(config, checkpoint, dist):
     return projection, model, optimizer
 
 
-def start_run_directory(config, model, dist, start_step):
-    """Write config.json, trim metrics.jsonl back to the checkpoint, and announce the run (rank 0 only)."""
-    os.makedirs(config["out"], exist_ok=True)
-    if not dist.is_main:
-        return
-    with open(os.path.join(config["out"], "config.json"), "w") as file:
-        json.dump(config, file, indent=2)
-    keep_metrics_before(os.path.join(config["out"], "metrics.jsonl"), start_step)
-    print(f"LMD: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x{model.patch_size}x"
-          f"{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{config['scheduler']} schedule, {dist.world_size} process(es) on {dist.device}, "
-          f"from step {start_step}", file=sys.stderr)
-
-
-def check_finite(losses, done, non_finite_anywhere, last_saved, out):
-    """The run's one-line error if a loss of the steps done - len(losses) + 1 .. done is not finite, or if another
-    process saw one at step `done` (all ranks then give the same message)."""
-    bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
-    if bad is None and not non_finite_anywhere:
-        return
-    if non_finite_anywhere:   # one flag from the all-reduce: the same words on every rank
-        what, step = "non-finite in a process", done
-    else:
-        what, step = losses[bad], done - len(losses) + bad + 1
-    raise cli.UserError(f"the loss became {what} at step {step}; the last good checkpoint (step {last_saved}) is "
-                        f"kept in {out}; lower --lr or use --precision fp32")
-
-
-def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, save_grid):
+def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, held_out,
+                save_grid):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early).
 
     The losses are read on the host only at logged and saved steps, all those since the last read in one transfer,
@@ -346,7 +175,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     """
     from tqdm import tqdm
     autocast = devices.autocast_dtype(config["precision"], dist.device)
-    checkpoint_path = os.path.join(config["out"], "checkpoint.pt")
+    checkpoint_path, metrics_path = (os.path.join(config["out"], name) for name in ("checkpoint.pt", "metrics.jsonl"))
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
     bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
                disable=not dist.is_main, dynamic_ncols=True)
@@ -377,18 +206,19 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
             continue
         losses, unread = torch.stack(unread).tolist(), []
         # never save weights that a non-finite loss has touched
-        check_finite(losses, done, non_finite_anywhere, last_saved, config["out"])
+        pretraining.check_finite(losses, done, non_finite_anywhere, last_saved, config["out"])
         bar.set_postfix(loss=f"{losses[-1]:.4f}", mask_ratio=f"{mask_ratio:.3f}", lr=f"{lr:.2e}")
-        if dist.is_main and logged:
+        if dist.is_main and (logged or gridding):
             record = dict(step=done, loss=losses[-1], mask_ratio=mask_ratio, lr=lr,
                           images_per_second=(done - start_step) * config["batch_size"] / (time.time() - started))
-            with open(os.path.join(config["out"], "metrics.jsonl"), "a") as file:
-                file.write(json.dumps(record) + "\n")
+            if gridding:   # the held-out loss at 0.75 beside the training loss (own masks: resume stays exact)
+                record["held_out_loss"] = held_out(model)
+            pretraining.append_metrics(metrics_path, record)
         if gridding:
-            save_grid(f"step{done:06d}")
+            save_grid(f"step{done:06d}", done)
         if saving:
             if dist.is_main:
-                save_checkpoint(checkpoint_path, model, optimizer, done, config, dist.device)
+                checkpoints.save_run(checkpoint_path, model, optimizer, done, config, dist.device)
             last_saved = done
         if interrupted:
             break
@@ -396,10 +226,17 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     return last_saved
 
 
-def mask_schedule(config):
-    """The run's mask-ratio schedule (built first thing, so that bad ratios fail before any data is encoded)."""
-    return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
-                            config["ramp_fraction"], config["mask_ratio"])
+def evaluate(model, projection, config, dist, step):
+    """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
+    if not dist.is_main:
+        return
+    loss = pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"])(model)
+    grid = pictures.GridWriter(model, projection, config)("eval", step)
+    result = dict(step=step, steps=config["steps"], held_out_loss_at_0_75=loss, eval_images=config["eval_images"],
+                  grid=grid)
+    with open(os.path.join(config["out"], "eval.json"), "w") as file:
+        json.dump(result, file, indent=2)
+    print(f"step {step}/{config['steps']}: held-out masked-token loss at ratio 0.75 = {loss:.4f}; grid: {grid}")
 
 
 def main(argv=None):
@@ -417,42 +254,33 @@ def main(argv=None):
     start_step = checkpoint["step"] if checkpoint else 0
     if eval_only:
         return evaluate(model, projection, config, dist, start_step)
-    batches = TrainingBatches(config, projection, dist, start_step)
+    batches = pretraining.TrainingBatches(config, projection, dist, start_step)
     if config["compile"]:
         devices.compile_transformer_blocks(model)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
-    start_run_directory(config, model, dist, start_step)
-    save_grid = GridWriter(model, projection, config)
+    pretraining.start_run_directory(config, model, dist, start_step)
+    held_out = pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"])
+    save_grid = pictures.GridWriter(model, projection, config)
     started = time.time()
-    with StopRequest() as stop:
+    with pretraining.StopRequest() as stop:
         step = train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop,
-                           save_grid)
+                           held_out, save_grid)
     if step < config["steps"]:
         if dist.is_main:
             print(f"stopped after step {step}; continue with: python train.py --resume {config['out']}",
                   file=sys.stderr)
     elif dist.is_main:
-        loss = held_out_loss(model, projection, config, dist.device, num_images=config["eval_images"])
+        loss = held_out(model)
         summary = dict(step=step, held_out_loss_at_0_75=loss, minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
         print(f"done: held-out masked-token loss at ratio 0.75 = {loss:.4f}; "
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
-        save_grid("final")
+        save_grid("final", step)
     if dist.is_main:  # the curves of every run, finished or stopped
         pictures.plot_curves(os.path.join(config["out"], "metrics.jsonl"), os.path.join(config["out"], "curves.png"))
     if dist.enabled:
         torch.distributed.destroy_process_group()
-
-
-def keep_metrics_before(path, step):
-    """On resume, drop metric lines past the checkpoint's step: they will be logged again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as file:
-        kept = [line for line in file if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as file:
-        file.writelines(kept)
 
 
 if __name__ == "__main__":

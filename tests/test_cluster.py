@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import lmd
-import train
 from util import checkpoints
 from util import datasets
 from util import devices
 from util import latent_cache
+from util import pretraining
 from util import sampling
 from conftest import ROOT
 
@@ -111,7 +111,7 @@ sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests")
 import torch
 import train
 from conftest import tiny_flags
-from util import cli, devices
+from util import cli, devices, pretraining
 dist = devices.Distributed("cpu")
 out = {out!r}
 def say(line):    # each rank its own file: lines of two processes on one pipe can interleave
@@ -129,10 +129,10 @@ try:
 except Exception as error:
     say(f"main_first failed: {{type(error).__name__}}")
 say(f"agreed: {{dist.any_each(dist.rank == 1, False, torch.tensor(dist.rank == 0))}}")
-latents = train.TrainingBatches.latents
+latents = pretraining.TrainingBatches.latents
 def nan_on_rank_1(self, step):
     return latents(self, step) * (float("nan") if dist.rank == 1 and step == 2 else 1.0)
-train.TrainingBatches.latents = nan_on_rank_1
+pretraining.TrainingBatches.latents = nan_on_rank_1
 devices.Distributed = lambda device: dist
 try:
     train.main(tiny_flags({data!r}, os.path.join(out, "run"), steps=6, save_every=1))
@@ -172,7 +172,7 @@ def test_resuming_a_checkpoint_of_eight_gpus_restores_the_saver_state_on_one(mon
 def test_sigterms_only_request_the_save_and_a_second_ctrl_c_aborts():
     """SLURM and torchrun deliver two SIGTERMs to each process: neither may abort the save. Only the user's second
     Ctrl-C does."""
-    with train.StopRequest() as stop:
+    with pretraining.StopRequest() as stop:
         for number in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
             os.kill(os.getpid(), number)
             time.sleep(0.05)

@@ -17,7 +17,10 @@ from util import vaes
 import train
 
 IMAGE_SIZE = 64
-GRID_SIZE = (8 * IMAGE_SIZE + 9 * 2, 4 * IMAGE_SIZE + 5 * 2)   # 8 images a row, 4 rows, 2 px padding
+# 8 images a row, 5 rows (normalised targets: the raw prediction too), 2 px padding, drawn twice as large (64 px is
+# under pictures.GRID_MIN_SIDE), beside a column of row labels and under a title strip
+GRID_SIZE = (pictures.GRID_LABEL_WIDTH + 2 * (8 * IMAGE_SIZE + 9 * 2),
+             pictures.GRID_TITLE_HEIGHT + 2 * (5 * IMAGE_SIZE + 6 * 2))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,6 +59,14 @@ def test_a_40_step_run_leaves_grids_and_curves(run):
     assert png_size(os.path.join(run, "curves.png"))[0] > 300
 
 
+def test_the_held_out_loss_is_logged_at_every_grid(run):
+    records = pictures.read_metrics(os.path.join(run, "metrics.jsonl"))
+    assert [r["step"] for r in records if "held_out_loss" in r] == [20, 40]
+    with open(os.path.join(run, "summary.json")) as file:
+        final = json.load(file)["held_out_loss_at_0_75"]
+    assert records[-1]["held_out_loss"] == pytest.approx(final, rel=1e-6)   # the same weights, images and masks
+
+
 def test_eval_only_renders_and_reports_without_touching_the_checkpoint(run, capsys):
     checkpoint = os.path.join(run, "checkpoint.pt")
     before = sha1(checkpoint), sha1(os.path.join(run, "config.json"))
@@ -85,7 +96,8 @@ def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
     projection = vaes.open_projection("none")
     model = lmd.MaskedLatentViT("tiny", grid_size=32, patch_size=8, channels=3)
     images = torch.rand(3, 3, 32, 32)
-    original, masked_input, reconstruction, pasted = pictures.reconstruction_rows(model, projection, images)
+    labelled = pictures.reconstruction_rows(model, projection, images)
+    original, masked_input, reconstruction, pasted, raw = [row for _, row in labelled]
     grey = masked_input == 0.5
     visible = ~grey.all(dim=1, keepdim=True).expand_as(images)
     assert 0.70 < 1 - visible.float().mean() < 0.80                       # ratio 0.75 of 16 tokens
@@ -93,6 +105,37 @@ def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
     assert torch.equal(masked_input[visible], images[visible])
     assert torch.allclose(pasted[visible], images[visible], atol=1e-6)  # pixels: pasting is exact
     assert reconstruction.shape == images.shape and 0 <= reconstruction.min() and reconstruction.max() <= 1
+    # the raw row is the prediction without the borrowed per-token mean and contrast: another picture
+    assert labelled[4][0].startswith("raw prediction") and raw.shape == images.shape
+    assert not torch.allclose(raw, reconstruction)
+    # without normalised targets nothing is borrowed: row 3 is the raw prediction, and there is no fifth row
+    plain = pictures.reconstruction_rows(model, projection, images, normalize_targets=False)
+    assert len(plain) == 4 and "mean" in labelled[2][0] and "mean" not in plain[2][0]
+
+
+def test_grid_titles_say_what_the_grid_shows():
+    config = dict(dataset="digits", steps=600)
+    assert pictures.grid_title(vaes.open_projection("none"), config, 300).startswith("pixel MAE (--vae none)")
+    tiny = pictures.grid_title(vaes.open_projection("tiny", announce=False), config, 600)
+    assert tiny.startswith("LMD on tiny latents") and "UNTRAINED VAE" in tiny and "step 600 of 600" in tiny
+
+
+def test_grid_images_come_from_across_the_classes(tmp_path):
+    """A class-sorted image folder (10 classes; each image one flat grey level that encodes its class): the grid
+    takes the first image of each class in turn, not the first 8 images (all of class 0)."""
+    for k in range(10):
+        folder = tmp_path / "val" / f"class{k}"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (16, 16), (20 + 20 * k,) * 3).save(folder / f"{i}.png")
+    (tmp_path / "train").mkdir()
+    for k in range(10):
+        (tmp_path / "train" / f"class{k}").mkdir()
+    images = pictures.grid_images(dict(dataset="imagefolder", data_dir=str(tmp_path), image_size=16))
+    labels = ((images.mean(dim=(1, 2, 3)) * 255 - 20) / 20).round().long()
+    assert labels.tolist() == list(range(8))
+    assert pictures.spread_over_classes([0, 0, 0, 1, 1, 2], 5) == [0, 3, 5, 1, 4]
+    assert pictures.spread_over_classes([3, 3], 8) == [0, 1]
 
 
 def test_unnormalize_tokens_undoes_the_per_token_normalisation():

@@ -13,6 +13,7 @@ import torch
 from util import checkpoints
 from util import cli
 from util import datasets
+from util import pretraining
 import train
 from conftest import ROOT, tiny_flags
 
@@ -28,9 +29,11 @@ def assert_same_weights(a, b):
 
 
 def test_stop_and_resume_gives_bit_identical_weights(tmp_path, data_dir):
-    """8 steps in one go == 4 steps, stop, resume to 8: model, optimiser, lr and mask schedule, data, masks."""
-    train.main(tiny_flags(data_dir, str(tmp_path / "straight"), steps=8, save_every=100))
-    train.main(tiny_flags(data_dir, str(tmp_path / "split"), steps=8, save_every=100, stop_after_step=4))
+    """8 steps in one go == 4 steps, stop, resume to 8: model, optimiser, lr and mask schedule, data, masks. With
+    a grid and a held-out evaluation at steps 4 and 8, which must leave every random stream of the run as it was."""
+    train.main(tiny_flags(data_dir, str(tmp_path / "straight"), steps=8, save_every=100, grid_every=4))
+    train.main(tiny_flags(data_dir, str(tmp_path / "split"), steps=8, save_every=100, grid_every=4,
+                          stop_after_step=4))
     assert checkpoints.load_checkpoint(str(tmp_path / "split"))["step"] == 4
     train.main(["--resume", str(tmp_path / "split")])
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
@@ -38,6 +41,7 @@ def test_stop_and_resume_gives_bit_identical_weights(tmp_path, data_dir):
     split = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
     strip = lambda lines: [{k: v for k, v in json.loads(line).items() if k != "images_per_second"} for line in lines]  # noqa: E731
     assert strip(straight) == strip(split)          # the same losses, mask ratios and learning rates at every step
+    assert [json.loads(line)["step"] for line in split if "held_out_loss" in line] == [4, 8]   # and the same values
 
 
 def test_resume_refuses_a_changed_setting(tmp_path, data_dir, capsys):
@@ -70,7 +74,7 @@ def test_sigint_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, data_di
 
 
 def test_sigterm_requests_a_stop():
-    with train.StopRequest() as stop:
+    with pretraining.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)
         assert stop.requested

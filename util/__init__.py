@@ -7,7 +7,8 @@
     sampling       data order, masks and augmentation as pure functions of (seed, step, rank)
     optim          weight-decay groups, the learning-rate schedule, layer-wise lr decay
     devices        device, precision, torchrun processes, compiled blocks, loader workers
-    checkpoints    atomic saves and loading with one-line errors
+    checkpoints    atomic saves, a pretraining run's checkpoint, loading with one-line errors
+    pretraining    around train.py's loop: resume, the run directory, stop requests, batches, the held-out loss
     probes         frozen-encoder features, the kNN probe and the converged linear probe
-    pictures       reconstruction grids, curves, the schedules figure
+    pictures       labelled reconstruction grids, curves, the schedules figure
 """

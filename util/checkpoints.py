@@ -1,4 +1,5 @@
-"""Checkpoints: atomic saves, loading with one-line errors, and the model a run config describes."""
+"""Checkpoints: atomic saves, a pretraining run's state (weights, optimizer, RNG), loading with one-line errors,
+and the model a run config describes."""
 
 import os
 
@@ -49,6 +50,13 @@ def restore_rng_state(rng, device):
 
 
 CHECKPOINT_KIND = "lmd-pretraining"
+
+
+def save_run(path, model, optimizer, step, config, device):
+    """A pretraining run's checkpoint: everything --resume needs to continue it exactly."""
+    save_atomic(dict(kind=CHECKPOINT_KIND, model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                     config=config, torch_version=torch.__version__, rng=rng_state(device)), path)
+
 
 def load_checkpoint(path, kind=CHECKPOINT_KIND):
     """Load a checkpoint written by train.py (a run directory or a file); anything else is a clear UserError."""

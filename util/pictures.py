@@ -3,6 +3,7 @@
 Rendering only reads the model and draws its masks from its own generator, so a grid written in the middle of
 training changes neither the weights nor any random stream of the run (resume stays exact)."""
 
+import itertools
 import json
 import os
 
@@ -14,13 +15,29 @@ from util.sampling import step_generator
 
 
 GRID_MASK_RATIO = 0.75   # grids mask as much as the held-out loss does, whatever the schedule is at
+GRID_LABEL_WIDTH, GRID_TITLE_HEIGHT = 200, 44   # pixels of the grid's row-label column and title strip
+GRID_MIN_SIDE = 96   # smaller images are drawn at a whole multiple of their size, so the labels stay readable
+
+
+def spread_over_classes(labels, count):
+    """Indices of `count` items taken across the classes: the first item of each class in turn (classes in order),
+    then the second of each, and so on. Deterministic; for a class-sorted folder, not `count` images of one class."""
+    by_class = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    rounds = itertools.zip_longest(*(by_class[label] for label in sorted(by_class)))
+    return list(itertools.islice((i for i in itertools.chain.from_iterable(rounds) if i is not None), count))
+
 
 def grid_images(config, count=8):
-    """The first `count` validation images of a run config, un-augmented: [count, 3, S, S] in [0, 1]."""
+    """`count` validation images of a run config, un-augmented, from across the classes (spread_over_classes):
+    [count, 3, S, S] in [0, 1]."""
     source = load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
                                config.get("synthetic_size", 5000))
     images = ImageDataset(source, config["image_size"])
-    return torch.stack([images[i][0] for i in range(min(count, len(images)))])
+    labels = getattr(source, "targets", None)
+    picked = spread_over_classes(labels, count) if labels is not None else range(min(count, len(images)))
+    return torch.stack([images[i][0] for i in picked])
 
 
 def unnormalize_tokens(predictions, targets):
@@ -46,13 +63,16 @@ def token_mask_to_pixels(mask, grid, image_size):
 
 @torch.no_grad()
 def reconstruction_rows(model, projection, images, normalize_targets=True, seed=0, mask_ratio=GRID_MASK_RATIO):
-    """images [N, 3, S, S] in [0, 1] -> four rows, each [N, 3, S, S] in [0, 1], on the CPU:
+    """images [N, 3, S, S] in [0, 1] -> [(label, row)], each row [N, 3, S, S] in [0, 1] on the CPU:
 
         original | masked input (masked patches grey) | reconstruction | reconstruction, visible patches pasted back
+        | raw prediction (only with normalised targets)
 
     The mask comes from a fixed generator (the held-out loss's), so the grids of a run compare step to step.
-    The paste happens on the latent tokens before decoding: the bottom row is the latent the model completes, as
-    the VAE draws it (with --vae none the visible pixels are then exactly the original's).
+    The paste happens on the latent tokens before decoding: the fourth row is the latent the model completes, as
+    the VAE draws it (with --vae none the visible pixels are then exactly the original's). With normalised targets
+    rows 3 and 4 borrow each masked token's mean and contrast from the original (unnormalize_tokens, as MAE's
+    pictures do); the last row decodes the prediction as it is, in the normalised units, with nothing borrowed.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -60,32 +80,80 @@ def reconstruction_rows(model, projection, images, normalize_targets=True, seed=
     images = images.to(device)
     latents = projection.encode(images)
     generator = step_generator(seed, -1, device=device)
-    _, predictions, mask = model(latents, mask_ratio, normalize_targets, generator=generator)
+    _, raw, mask = model(latents, mask_ratio, normalize_targets, generator=generator)
     model.train(was_training)
     targets = model.patchify(latents)
-    predictions = unnormalize_tokens(predictions.float(), targets) if normalize_targets else predictions.float()
+    predictions = unnormalize_tokens(raw.float(), targets) if normalize_targets else raw.float()
     masked = mask.unsqueeze(-1)                                           # [B, L, 1]
     pasted = targets * (1 - masked) + predictions * masked
     pixel_mask = token_mask_to_pixels(mask, model.grid, images.shape[-1])  # grey in pixels: clearer than in latents
-    masked_input = images * (1 - pixel_mask) + 0.5 * pixel_mask
-    rows = [images, masked_input, projection.decode(model.unpatchify(predictions)),
-            projection.decode(model.unpatchify(pasted))]
-    return [row.float().cpu() for row in rows]
+    draw = lambda tokens: projection.decode(model.unpatchify(tokens))   # noqa: E731
+    borrowed = "\nmasked tokens' mean and\ncontrast from the original" if normalize_targets else ""
+    rows = [("original", images), ("masked input\n(grey: masked)", images * (1 - pixel_mask) + 0.5 * pixel_mask),
+            ("reconstruction\n(visible tokens: untrained)" + borrowed, draw(predictions)),
+            ("reconstruction +\nvisible patches pasted", draw(pasted))]
+    if normalize_targets:   # without normalised targets this row would be the reconstruction again
+        rows.append(("raw prediction\n(no borrowed\nmean/contrast)", draw(raw.float())))
+    return [(label, row.float().cpu()) for label, row in rows]
+
+
+def grid_title(projection, config, step):
+    """What a grid shows, in one line: pixels or which VAE's latents (and whether that VAE is untrained), the step."""
+    if projection.is_pixels:
+        what = "pixel MAE (--vae none)"
+    else:
+        untrained = "" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)"
+        what = f"LMD on {projection.name} latents{untrained}"
+    return f"{what}, {config['dataset']}: step {step:,} of {config['steps']:,}"
 
 
 def save_reconstruction_grid(model, projection, images, path, normalize_targets=True, seed=0,
-                             mask_ratio=GRID_MASK_RATIO):
-    """Write the four rows of `reconstruction_rows` as one PNG: 4 rows of N images, 2 px white padding.
+                             mask_ratio=GRID_MASK_RATIO, title=""):
+    """Write the rows of `reconstruction_rows` as one labelled PNG: a title strip (`title`, then what the images
+    are), a column of row labels, and the rows of N images with 2 px white padding.
 
-    For N images of S px the PNG is (N*S + 2*(N+1)) wide and (4*S + 10) high.
+    For N images of S px in R rows the image part is (N*S + 2*(N+1)) x (R*S + 2*(R+1)), drawn k times larger
+    (k whole, the least with k*S >= GRID_MIN_SIDE); GRID_LABEL_WIDTH and GRID_TITLE_HEIGHT pixels are added.
     """
-    from torchvision.utils import save_image
-    rows = reconstruction_rows(model, projection, images, normalize_targets, seed, mask_ratio)
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+    labelled = reconstruction_rows(model, projection, images, normalize_targets, seed, mask_ratio)
+    grid = make_grid(torch.cat([row for _, row in labelled]), nrow=len(images), padding=2, pad_value=1.0)
+    side, scale = images.shape[-1], -(-GRID_MIN_SIDE // images.shape[-1])
+    pixels = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (GRID_LABEL_WIDTH + pixels.width, GRID_TITLE_HEIGHT + pixels.height), "white")
+    canvas.paste(pixels, (GRID_LABEL_WIDTH, GRID_TITLE_HEIGHT))
+    draw, font, small = ImageDraw.Draw(canvas), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    draw.text((8, 4), title, fill="black", font=font)
+    draw.text((8, 24), f"{len(images)} validation images across the classes; mask ratio {mask_ratio}, the same "
+              "mask at every step", fill="dimgray", font=small)
+    for row, (label, _) in enumerate(labelled):
+        middle = GRID_TITLE_HEIGHT + scale * (2 + row * (side + 2) + side // 2)
+        draw.multiline_text((8, middle), label, fill="black", font=small, anchor="lm", spacing=2)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp-{os.getpid()}"               # never leave half a PNG behind
-    save_image(torch.cat(rows), temporary, nrow=len(images), padding=2, pad_value=1.0, format="png")
+    canvas.save(temporary, format="png")
     os.replace(temporary, path)
     return path
+
+
+class GridWriter:
+    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9).
+
+    The images are loaded once, on the first grid, not at every one.
+    """
+
+    def __init__(self, model, projection, config):
+        self.model, self.projection, self.config, self.images = model, projection, config, None
+
+    def __call__(self, name, step):
+        if self.images is None:
+            self.images = grid_images(self.config)
+        return save_reconstruction_grid(self.model, self.projection, self.images,
+                                        os.path.join(self.config["out"], f"grid_{name}.png"),
+                                        self.config["normalize_targets"], self.config["seed"],
+                                        title=grid_title(self.projection, self.config, step))
 
 
 def read_metrics(path):
@@ -95,16 +163,28 @@ def read_metrics(path):
 
 
 def plot_curves(metrics_path, path):
-    """Two panels from OUT/metrics.jsonl: training loss against step, and the mask ratio against step."""
+    """Two panels from OUT/metrics.jsonl: the training loss and the held-out loss at ratio 0.75 (its `held_out_loss`
+    records, and the final one of OUT/summary.json beside it when that is this run's last step) against the step;
+    and the mask ratio against the step."""
     from matplotlib.figure import Figure   # no pyplot: no global backend state, safe inside a training script
     records = read_metrics(metrics_path)
     steps = [record["step"] for record in records]
-    figure = Figure(figsize=(9, 3.2), layout="constrained")
+    held_out = [(record["step"], record["held_out_loss"]) for record in records if "held_out_loss" in record]
+    summary_path = os.path.join(os.path.dirname(metrics_path), "summary.json")
+    if os.path.exists(summary_path) and steps:
+        with open(summary_path) as file:
+            summary = json.load(file)
+        if summary.get("step") == steps[-1] and (not held_out or held_out[-1][0] != steps[-1]):
+            held_out.append((summary["step"], summary["held_out_loss_at_0_75"]))
+    figure = Figure(figsize=(10, 3.6), layout="constrained")
     loss_axes, ratio_axes = figure.subplots(1, 2)
-    loss_axes.plot(steps, [record["loss"] for record in records])
-    # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as it
-    # falls, so compare runs by the held-out loss at a fixed 0.75, not by this curve.
-    loss_axes.set(xlabel="step", ylabel="masked-token loss", title="training loss (at the current mask ratio)")
+    # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as the
+    # ratio rises, so compare runs (and steps) by the held-out loss at a fixed 0.75, not by the training curve.
+    loss_axes.plot(steps, [record["loss"] for record in records], label="training (at the current mask ratio)")
+    if held_out:
+        loss_axes.plot(*zip(*held_out), "o-", color="tab:red", label="held-out (validation, at ratio 0.75)")
+    loss_axes.set(xlabel="step", ylabel="masked-token loss", title="masked-token loss")
+    loss_axes.legend()
     ratio_axes.plot(steps, [record["mask_ratio"] for record in records], color="tab:orange")
     ratio_axes.set(xlabel="step", ylabel="mask ratio", title="mask ratio", ylim=(0, 1))
     for axes in (loss_axes, ratio_axes):
