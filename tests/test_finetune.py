@@ -126,7 +126,7 @@ def test_linear_probe_on_cached_vae_latents(tmp_path):
     train.main(["--dataset", "synthetic", "--vae", "tiny", "--model", "tiny", "--image-size", "32", "--synthetic-size",
                 "128", "--steps", "3", "--batch-size", "32", "--eval-images", "32", "--grid-every", "0",
                 "--device", "cpu", "--data-dir", str(data), "--out", str(run)])
-    (train_cache,) = (data / "lmd_latents").glob("synthetic-train*")
+    (train_cache,) = (data / "lmd_latents").glob("synthetic-train*.pt")
     written = train_cache.stat().st_mtime_ns
     finetune.main(["--checkpoint", str(run), "--epochs", "1", "--batch-size", "32", "--device", "cpu"])
     assert train_cache.stat().st_mtime_ns == written                   # pretraining's cache reused, not rebuilt
