@@ -130,7 +130,7 @@ def test_linear_probe_on_cached_vae_latents(tmp_path):
     written = train_cache.stat().st_mtime_ns
     finetune.main(["--checkpoint", str(run), "--epochs", "1", "--batch-size", "32", "--device", "cpu"])
     assert train_cache.stat().st_mtime_ns == written                   # pretraining's cache reused, not rebuilt
-    assert len(list((data / "lmd_latents").glob("synthetic-val*"))) == 1
+    assert len(list((data / "lmd_latents").glob("synthetic-val*.pt"))) == 1
     results = json.loads((run / "linprobe" / "results.json").read_text())   # the default --out
     assert results["vae"] == "tiny" and results["val_images"] == 25
     assert results["images_per_second_latents_only"] > results["images_per_second_with_vae"] > 0
