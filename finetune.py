@@ -86,8 +86,7 @@ def build_parser():
     add("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULTS["precision"],
         help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
     add("--num-workers", type=int, help="image loading processes for pixel runs (default: the node's cores)")
-    add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"],
-        help="'auto': cuda, then mps, then cpu")
+    add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"], help="'auto': cuda first")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed for the head (and --init scratch), order, flips")
     add("--out", help="output directory (default: RUN/<mode>-<init> beside the checkpoint)")
     return parser
