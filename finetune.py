@@ -71,8 +71,8 @@ def build_parser():
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
     add("--data-dir", help="dataset root and latent cache (default: the checkpoint's)")
     add("--synthetic-size", type=int, help="training images of --dataset synthetic (default: the checkpoint's)")
-    for flag in GEOMETRY:
-        add(f"--{flag.replace('_', '-')}", type=int if flag in ("image_size", "patch_size") else str,
+    for flag, kind in zip(GEOMETRY, (vaes.vae_name, str, int, int)):   # a local VAE directory: its absolute path
+        add(f"--{flag.replace('_', '-')}", type=kind,
             help=f"must match the checkpoint's {flag.replace('_', ' ')} if given (default: the checkpoint's)")
     add("--epochs", type=int, help="training epochs (default: 90 linprobe, 100 finetune)")
     add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
@@ -214,8 +214,8 @@ def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, aut
         steps = range(epoch * steps_per_epoch, (epoch + 1) * steps_per_epoch)
         indices = [sampling.batch_indices(step, len(train_data), config["batch_size"], config["seed"], dist.rank,
                                           dist.world_size) for step in steps]
-        flips = [flip * torch.randint(0, 2, (len(i),), generator=sampling.step_generator(config["seed"], step,
-                 dist.rank)) for i, step in zip(indices, steps)]
+        flips = [flip * torch.randint(0, 2, (len(i),), generator=sampling.step_generator(
+                 config["seed"], step, dist.rank, stream="flips")) for i, step in zip(indices, steps)]
         train_model.train()
         loss_sum = torch.zeros((), device=dist.device)   # read once an epoch: no host sync per step
         for step, (inputs, labels) in zip(steps, train_data.batches(indices, flips)):

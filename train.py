@@ -111,9 +111,12 @@ def build_parser():
 
 
 def parse_flags(argv=None):
-    """-> (all flags with defaults filled in, the set of flags actually given)."""
+    """-> (all flags with defaults filled in, the set of flags actually given). Local paths of the data and the VAE
+    are made absolute: the run's config (and finetune.py) then finds them, and one latent cache, from anywhere."""
     given = vars(build_parser().parse_args(argv))
-    return {**DEFAULTS, **given}, set(given)
+    flags = {**DEFAULTS, **given}
+    flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
+    return flags, set(given)
 
 
 def resolve_config(flags, given):
@@ -186,7 +189,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
         lr = optim.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
         for group in optimizer.param_groups:
             group["lr"] = lr
-        generator = sampling.step_generator(config["seed"], step, dist.rank, dist.device)
+        generator = sampling.step_generator(config["seed"], step, dist.rank, dist.device, stream="masks")
         with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
             loss, _, _ = train_model(latents, mask_ratio, config["normalize_targets"], generator=generator)
         optimizer.zero_grad(set_to_none=True)

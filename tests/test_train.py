@@ -8,9 +8,11 @@ import sys
 import pytest
 import torch
 
+import lmd
 from util import checkpoints
 from util import cli
 from util import latent_cache
+from util import sampling
 import train
 from conftest import ROOT, tiny_flags
 
@@ -49,6 +51,20 @@ def test_cache_is_rebuilt_when_made_with_another_vae(tmp_path, data_dir, capsys)
     train.main(tiny_flags(data_dir, str(tmp_path / "b"), steps=1))
     assert "made with other settings" in capsys.readouterr().err
     assert torch.load(path, weights_only=True)["provenance"]["vae_fingerprint"] != "another-vae"
+
+
+def test_the_flips_and_the_masks_of_a_step_are_separate_random_streams(tmp_path, data_dir, monkeypatch):
+    """On the CPU the flips' and the masks' generators of a step live on one device: seeded alike, a sample's flip
+    would be a draw of its own mask noise. No generator that draws flips may share a seed with one that masks."""
+    made, masking = [], []
+    step_generator, random_masking = sampling.step_generator, lmd.random_masking
+    monkeypatch.setattr(sampling, "step_generator", lambda *a, **k: made.append(step_generator(*a, **k)) or made[-1])
+    monkeypatch.setattr(lmd, "random_masking", lambda tokens, ratio, generator=None: masking.append(generator)
+                        or random_masking(tokens, ratio, generator))
+    train.main(tiny_flags(data_dir, str(tmp_path / "run"), steps=3))
+    mask_seeds = {generator.initial_seed() for generator in masking}
+    flip_seeds = [g.initial_seed() for g in made if not any(g is generator for generator in masking)]
+    assert len(flip_seeds) == 3 and len(mask_seeds) >= 3 and mask_seeds.isdisjoint(flip_seeds)
 
 
 def test_pixel_mae_baseline_runs(tmp_path, data_dir):

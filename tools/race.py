@@ -106,7 +106,7 @@ def train_step(model, optimizer, data, schedule, step, steps, seed, device):
     for group in optimizer.param_groups:
         group["lr"] = lr
     indices = sampling.batch_indices(step, len(data["train_inputs"]), DEFAULTS["batch_size"], seed)
-    generator = sampling.step_generator(seed, step)
+    generator = sampling.step_generator(seed, step, stream="flips")
     views = torch.randint(0, data["train_inputs"].shape[1], (len(indices),), generator=generator)
     loss, _, _ = model(data["train_inputs"][indices, views].to(device), schedule(step / steps), False,
                        generator=sampling.step_generator(seed, step, device=device))

@@ -138,7 +138,7 @@ class TrainingBatches:
             images, _ = next(self.loader)
             return vaes.encode_images(self.projection, images.to(device, non_blocking=True), self.autocast)
         indices = self._indices(step)
-        generator = sampling.step_generator(self.config["seed"], step, self.dist.rank)
+        generator = sampling.step_generator(self.config["seed"], step, self.dist.rank, stream="flips")
         flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
         flips *= self.config["augment"] == "flip"                            # digit sets: never the mirror image
         batch = self.cache["latents"][indices, flips]

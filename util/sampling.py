@@ -30,9 +30,15 @@ def batch_indices(step, num_items, global_batch, seed, rank=0, world_size=1):
     return epoch_permutation(num_items, seed, epoch)[start:start + per_rank].clone()   # not a view of the cache
 
 
-def step_generator(seed, step, rank=0, device="cpu"):
-    """A generator for the random choices of one step (masks, flips), so they too are a function of the step."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) * 1_009 + rank)
+STREAMS = ("masks", "flips")   # the random streams of one step; each has its own seed
+
+
+def step_generator(seed, step, rank=0, device="cpu", stream="masks"):
+    """A generator for one random stream of one step (`stream`: "masks" or "flips"), so that it too is a function
+    of the step. Each stream has its own seed: with one seed for both, the flips of a batch and its mask noise would
+    be draws of the same sequence (on the CPU, where both generators live, identical draws)."""
+    return torch.Generator(device=device).manual_seed(
+        ((seed * 1_000_003 + step) * 1_009 + rank) * len(STREAMS) + STREAMS.index(stream))
 
 
 def augmentation_seed(seed, step, index):
