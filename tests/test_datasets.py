@@ -10,7 +10,7 @@ from PIL import Image
 
 import lmd
 import train
-from util import cli, datasets, latent_cache, devices
+from util import checkpoints, cli, datasets, latent_cache, devices, vaes
 
 
 def test_digits_are_real_stratified_and_fixed():
@@ -138,6 +138,30 @@ def test_a_changed_image_folder_rebuilds_its_cache(tmp_path, capsys):
     cache = latent_cache.dataset_latents(config, "train", projection, dist)
     assert "made with other settings" in capsys.readouterr().err
     assert cache["latents"][0, 0].float().mean() > 0.99                                    # the new white image
+
+
+def test_a_vae_directory_has_one_cache_found_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`--vae VAE`, `./VAE` and its absolute path are one VAE with one latent cache, and the run's config names the
+    VAE and the data by absolute paths, so that finetune.py run from another directory reuses both."""
+    import finetune
+    lmd.tiny_vae().save_pretrained(tmp_path / "VAE")
+    monkeypatch.chdir(tmp_path)
+    config = dict(dataset="synthetic", data_dir="data", image_size=32, synthetic_size=20, num_workers=0)
+    for typed in ("VAE", "./VAE/", str(tmp_path / "VAE")):
+        projection = vaes.open_projection(typed, announce=False)
+        latent_cache.dataset_latents(dict(config, vae=typed), "train", projection, devices.Distributed("cpu"))
+    assert len(os.listdir(tmp_path / "data" / "lmd_latents")) == 2          # one cache: an index and its parts
+    assert capsys.readouterr().err.count("train latents:   0%") == 1           # built once, then reused
+    train.main(["--dataset", "synthetic", "--synthetic-size", "20", "--image-size", "32", "--vae", "./VAE",
+                "--data-dir", "data", "--model", "tiny", "--steps", "1", "--batch-size", "8", "--eval-images", "8",
+                "--grid-every", "0", "--num-workers", "0", "--device", "cpu", "--out", "run"])
+    assert checkpoints.load_checkpoint("run")["config"]["vae"] == str(tmp_path / "VAE")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    finetune.main(["--checkpoint", str(tmp_path / "run"), "--mode", "knn", "--num-workers", "0", "--device", "cpu"])
+    err = capsys.readouterr().err   # the train cache is the one made above; only the val split is new
+    assert "train latents" not in err and len(os.listdir(tmp_path / "data" / "lmd_latents")) == 4
 
 
 def test_generated_and_shipped_sets_record_version_and_split():

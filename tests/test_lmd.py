@@ -220,6 +220,19 @@ def test_vae_fingerprint_ignores_private_config_keys():
     assert vaes.fingerprint(projection) != before
 
 
+def test_vae_fingerprint_covers_the_whole_encoder_and_only_what_makes_latents():
+    """A change anywhere in the encoder or quant_conv is another VAE (another latent cache); the decoder is not."""
+    projection = vaes.open_projection("tiny", announce=False)
+    vae, before = projection.vae, vaes.fingerprint(projection)
+    with torch.no_grad():
+        vae.decoder.conv_in.weight.add_(1.0)
+        assert vaes.fingerprint(projection) == before                        # the decoder changes no latent
+        for tensor in (vae.encoder.down_blocks[1].resnets[0].conv1.weight, vae.quant_conv.bias):
+            tensor.view(-1)[0] += 1e-3                                        # one number in the middle
+            assert vaes.fingerprint(projection) != before
+            before = vaes.fingerprint(projection)
+
+
 def test_autoencoder_kl_saved_locally_loads_by_path(tmp_path):
     from diffusers import AutoencoderKL
     vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), norm_num_groups=4, layers_per_block=1,

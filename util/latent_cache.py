@@ -28,7 +28,7 @@ import torch
 from util.checkpoints import save_atomic
 from util.datasets import ImageDataset, SyntheticShapes, load_image_source
 from util.devices import loader_workers
-from util.vaes import fingerprint
+from util.vaes import fingerprint, vae_name
 
 CHUNK = 1024         # images per chunk: the unit of work, of resuming, and of what a process holds in memory
 ENCODE_BATCH = 64    # images per VAE call while building
@@ -40,7 +40,7 @@ def cache_file(data_dir, dataset, split, vae, image_size, count=None):
     `count` is part of the name only where it is a setting (the synthetic set's size); elsewhere it comes from the
     data, and putting it in the name would mean counting the images (for an image folder, listing every file).
     """
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in vae.strip("/"))[-60:]
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in vae_name(vae).strip("/"))[-60:]
     return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count or ''}-{slug}-{image_size}px.pt")
 
 
@@ -48,7 +48,7 @@ def cache_provenance(dataset, split, projection, image_size, source=None):
     """What a cache must match to be used: the VAE (its weights' fingerprint), the geometry and, with the images at
     hand (`source`), their count and identity (source.provenance: a version and split seed, or a folder's file
     list). Without `source`, a complete cache is taken as it is for the images."""
-    record = dict(dataset=dataset, split=split, vae=projection.name, vae_fingerprint=fingerprint(projection),
+    record = dict(dataset=dataset, split=split, vae=vae_name(projection.name), vae_fingerprint=fingerprint(projection),
                   image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16")
     if source is not None:
         record.update(count=len(source), data=getattr(source, "provenance", None))

@@ -59,8 +59,18 @@ def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
                         "directory made by save_pretrained or tools/train_vae.py, or 'none' (pixels)")
     else:
         projection = _from_hub(vae, device, dtype)
+    projection.name = vae_name(vae)   # what the latent cache is named and checked by
     projection.provenance = vae_provenance(vae)
     return projection
+
+
+def vae_name(vae):
+    """The name a `--vae` value is recorded and cached under: a local directory's absolute path (so that `VAE`,
+    `./VAE` and `/home/me/VAE` are one VAE with one latent cache, and a run's config finds it from any working
+    directory); a Hub id, 'tiny' or 'none' as given."""
+    if vae in ("none", "tiny") or not os.path.isdir(vae):
+        return vae
+    return os.path.abspath(vae)
 
 
 def _from_hub(vae, device, dtype):
@@ -113,14 +123,18 @@ def vae_provenance(vae):
 
 
 def fingerprint(projection):
-    """A short hash of the VAE's config and weights, so a latent cache can tell one VAE from another."""
+    """A short hash of what makes the latents: the VAE's config and every tensor of its encoder and of `quant_conv`
+    (the 1x1 conv after an AutoencoderKL's encoder), so a latent cache can tell one VAE from another. The decoder
+    is left out: it changes no latent."""
     if projection.vae is None:
         return "pixels"
     # Private keys such as diffusers' `_use_default_values` (built from a set, so its order changes from one
     # process to the next) say nothing about the VAE and would make the hash unstable.
     config = {key: value for key, value in projection.vae.config.items() if not key.startswith("_")}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
-    parameters = list(projection.vae.parameters())
-    for parameter in parameters[:2] + parameters[-2:]:
-        digest.update(parameter.detach().float().cpu().numpy().tobytes())
+    for part in ("encoder", "quant_conv"):   # AutoencoderTiny has no quant_conv; some AutoencoderKLs have None
+        module = getattr(projection.vae, part, None)
+        for name, tensor in (module.state_dict().items() if module is not None else ()):
+            digest.update(f"{part}.{name}{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
