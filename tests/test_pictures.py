@@ -113,6 +113,17 @@ def test_pixel_grid_greys_masked_patches_and_pastes_visible_ones_exactly():
     assert len(plain) == 4 and "mean" in labelled[2][0] and "mean" not in plain[2][0]
 
 
+def test_grids_are_drawn_with_an_old_pillow_that_has_no_font_size(tmp_path, monkeypatch):
+    """Pillow < 10.1: ImageFont.load_default() takes no size. The grid falls back to the bitmap font."""
+    from PIL import ImageFont
+    load_default, sizes = ImageFont.load_default, []
+    monkeypatch.setattr(ImageFont, "load_default", lambda: sizes.append(None) or load_default())
+    model = lmd.MaskedLatentViT("tiny", grid_size=16, patch_size=4, channels=3)
+    path = tmp_path / "grid.png"
+    pictures.save_reconstruction_grid(model, vaes.open_projection("none"), torch.rand(2, 3, 16, 16), path, title="t")
+    assert sizes == [None, None] and Image.open(path).size[0] > pictures.GRID_LABEL_WIDTH
+
+
 def test_grid_titles_say_what_the_grid_shows():
     config = dict(dataset="digits", steps=600)
     assert pictures.grid_title(vaes.open_projection("none"), config, 300).startswith("pixel MAE (--vae none)")

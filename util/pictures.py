@@ -107,6 +107,16 @@ def grid_title(projection, config, step):
     return f"{what}, {config['dataset']}: step {step:,} of {config['steps']:,}"
 
 
+def default_font(size):
+    """Pillow's built-in font at `size` px (Pillow >= 10.1, as requirements.txt asks); on an older Pillow, which
+    has no size argument, its small bitmap font: the grid is drawn all the same, with smaller labels."""
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def save_reconstruction_grid(model, projection, images, path, normalize_targets=True, seed=0,
                              mask_ratio=GRID_MASK_RATIO, title=""):
     """Write the rows of `reconstruction_rows` as one labelled PNG: a title strip (`title`, then what the images
@@ -115,7 +125,7 @@ def save_reconstruction_grid(model, projection, images, path, normalize_targets=
     For N images of S px in R rows the image part is (N*S + 2*(N+1)) x (R*S + 2*(R+1)), drawn k times larger
     (k whole, the least with k*S >= GRID_MIN_SIDE); GRID_LABEL_WIDTH and GRID_TITLE_HEIGHT pixels are added.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
     labelled = reconstruction_rows(model, projection, images, normalize_targets, seed, mask_ratio)
     grid = make_grid(torch.cat([row for _, row in labelled]), nrow=len(images), padding=2, pad_value=1.0)
@@ -124,7 +134,7 @@ def save_reconstruction_grid(model, projection, images, path, normalize_targets=
     pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
     canvas = Image.new("RGB", (GRID_LABEL_WIDTH + pixels.width, GRID_TITLE_HEIGHT + pixels.height), "white")
     canvas.paste(pixels, (GRID_LABEL_WIDTH, GRID_TITLE_HEIGHT))
-    draw, font, small = ImageDraw.Draw(canvas), ImageFont.load_default(size=15), ImageFont.load_default(size=12)
+    draw, font, small = ImageDraw.Draw(canvas), default_font(15), default_font(12)
     draw.text((8, 4), title, fill="black", font=font)
     draw.text((8, 24), f"{len(images)} validation images across the classes; mask ratio {mask_ratio}, the same "
               "mask at every step", fill="dimgray", font=small)
