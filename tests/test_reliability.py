@@ -81,6 +81,46 @@ def test_sigterm_requests_a_stop():
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the previous handler is back
 
 
+# train.py that, after logging step 2, waits for a stop request: the signal then surely arrives mid-run.
+WAIT_FOR_A_SIGNAL_AT_STEP_2 = """
+import sys, time
+sys.path.insert(0, {root!r})
+from util import cli, pretraining
+import train
+append, enter, requests = pretraining.append_metrics, pretraining.StopRequest.__enter__, []
+def append_then_wait(path, record):
+    append(path, record)
+    if record["step"] == 2:
+        print("step 2", flush=True)
+        deadline = time.time() + 60
+        while not requests[0].requested and time.time() < deadline:
+            time.sleep(0.01)
+pretraining.append_metrics = append_then_wait
+pretraining.StopRequest.__enter__ = lambda self: requests.append(enter(self)) or requests[-1]
+cli.run_cli(lambda: train.main({argv!r}))
+"""
+
+
+def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
+    """SLURM signals every process of the job, the loader workers too (--no-cache, --num-workers 2): they must
+    outlive the signal, so that the training process saves at the end of its step and exits cleanly."""
+    make_image_folder(tmp_path / "data", per_class=8)
+    out = tmp_path / "run"
+    argv = tiny_flags(str(tmp_path / "data"), str(out), dataset="imagefolder", image_size=32, steps=6, batch_size=8,
+                      save_every=100, num_workers=2) + ["--no-cache"]
+    process = subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_SIGNAL_AT_STEP_2.format(root=ROOT, argv=argv)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)   # its own process group: the test runner is not signalled
+    assert process.stdout.readline().strip() == "step 2", process.communicate(timeout=60)[1][-2000:]
+    os.killpg(process.pid, signal.SIGTERM)                 # the training process and its two workers
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert "continue with: python train.py --resume" in err
+    assert checkpoints.load_checkpoint(str(out))["step"] == 3    # the step under way when the signal came
+    train.main(["--resume", str(out), "--num-workers", "0"])
+    assert checkpoints.load_checkpoint(str(out))["step"] == 6
+
+
 KILL_WHILE_SAVING = """
 import sys, torch
 sys.path.insert(0, {root!r})

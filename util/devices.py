@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import signal
 
 import torch
 
@@ -127,6 +128,17 @@ def loader_workers(requested=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
     per_process = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     return min(8, max(per_process - 1, 0))
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker_init_fn: image-loading processes ignore SIGINT and SIGTERM.
+
+    SLURM sends SIGTERM to every process of a job, and Ctrl-C reaches the whole process group. The training process
+    saves and stops at the end of its step, then shuts its workers down itself; a worker killed by the signal would
+    make it raise before it saves. (A worker whose parent is gone exits by itself: PyTorch's watchdog.)
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def images_per_second(run, count, device, repeats=5):

@@ -27,7 +27,7 @@ import torch
 
 from util.checkpoints import save_atomic
 from util.datasets import ImageDataset, SyntheticShapes, load_image_source
-from util.devices import loader_workers
+from util.devices import ignore_stop_signals, loader_workers
 from util.vaes import fingerprint, vae_name
 
 CHUNK = 1024         # images per chunk: the unit of work, of resuming, and of what a process holds in memory
@@ -197,7 +197,8 @@ def _encode_chunks(images, chunks, projection, dist, workers, description):
     if not batches:
         return
     loader = torch.utils.data.DataLoader(images, batch_sampler=[indices for _, indices in batches],
-                                         num_workers=workers, pin_memory=dist.device.type == "cuda")
+                                         num_workers=workers, pin_memory=dist.device.type == "cuda",
+                                         worker_init_fn=ignore_stop_signals)
     latents, labels = [], []
     for (chunk, indices), (batch, label) in tqdm(zip(batches, loader), total=len(batches), desc=description,
                                                  unit="batch", disable=not dist.is_main, dynamic_ncols=True):
@@ -263,7 +264,7 @@ class Split:
                 yield self.latents[indices, flips].to(self.device).float(), self.labels[indices].to(self.device)
             return
         loader = torch.utils.data.DataLoader(self.images, batch_sampler=[i.tolist() for i in index_batches],
-                                             num_workers=self.workers)
+                                             num_workers=self.workers, worker_init_fn=ignore_stop_signals)
         for (images, labels), flips in zip(loader, flip_batches):
             images = images.to(self.device)
             images = torch.where(flips.to(self.device).bool().view(-1, 1, 1, 1), images.flip(-1), images)

@@ -120,7 +120,8 @@ class TrainingBatches:
             workers = devices.loader_workers(config["num_workers"])
             self.loader = iter(torch.utils.data.DataLoader(
                 images, batch_sampler=self._seeded_batches(start_step), num_workers=workers,
-                pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0))
+                pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0,
+                worker_init_fn=devices.ignore_stop_signals))   # a SIGTERM to the job: the main process saves
 
     def _indices(self, step):
         return sampling.batch_indices(step, self.num_items, self.config["batch_size"], self.config["seed"],
