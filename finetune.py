@@ -107,6 +107,9 @@ def resolve_config(flags, checkpoint_path, pretrained):
         print(f"note: --mode knn trains nothing; ignoring --{', --'.join(f.replace('_', '-') for f in ignored)}",
               file=sys.stderr)
         config.update({flag: None for flag in ignored})
+    unused = [f"--{flag.replace('_', '-')}" for flag in ("weight_decay", "label_smoothing") if flags.get(flag)]
+    if unused and config["mode"] == "linprobe":   # the probe's head trains without either (MAE's recipe)
+        raise cli.UserError(f"--mode linprobe uses no weight decay or label smoothing; drop {' and '.join(unused)}")
     for key, value in RECIPES[config["mode"]].items():
         config[key] = value if config[key] is None else config[key]
     for key in GEOMETRY:   # the classifier is the pretrained encoder: its input must be what it was trained on

@@ -187,6 +187,14 @@ def test_knn_ignores_training_flags_with_a_note(run, capsys):
     assert "ignoring --epochs, --lr" in capsys.readouterr().err and results["epochs"] == 0
 
 
+def test_linprobe_refuses_weight_decay_and_label_smoothing(run, capsys):
+    """The probe's head trains with neither: a value that would silently do nothing is an error (0 is allowed)."""
+    base = ["--checkpoint", str(run), "--device", "cpu", "--mode", "linprobe"]
+    err = refused(capsys, base + ["--weight-decay", "0.05", "--label-smoothing", "0.1"])
+    assert "no weight decay or label smoothing" in err and "drop --weight-decay and --label-smoothing" in err
+    assert "drop --label-smoothing" in refused(capsys, base + ["--weight-decay", "0", "--label-smoothing", "0.1"])
+
+
 def test_torchrun_two_cpu_processes_linear_probe(run):
     """finetune.py under torchrun (gloo): the processes split the feature extraction, gather it, and get exactly
     the single-process probe."""
