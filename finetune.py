@@ -39,7 +39,8 @@ DEFAULTS = dict(
     checkpoint=None, mode="linprobe", init="pretrained", dataset=None, allow_other_dataset=False, data_dir=None,
     synthetic_size=None, vae=None, model=None, image_size=None, patch_size=None,
     epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None, layer_decay=0.65,
-    label_smoothing=None, precision="auto", num_workers=None, device="auto", seed=0, out=None,
+    label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None, device="auto",
+    seed=0, out=None,
 )
 # MAE's recipes. Linear probe: 90 epochs, base lr 0.1, no weight decay (MAE uses LARS for its 16k batches; plain
 # SGD with momentum does the same job for one linear layer at ordinary batch sizes). kNN trains nothing.
@@ -85,6 +86,8 @@ def build_parser():
     add("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0 linprobe, 0.1 finetune)")
     add("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULTS["precision"],
         help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
+    add("--encode-batch-size", type=int, default=DEFAULTS["encode_batch_size"],
+        help="images per call of the frozen VAE (building the latent cache; the throughput measurement)")
     add("--num-workers", type=int, help="image loading processes for pixel runs (default: the node's cores)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"], help="'auto': cuda first")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed for the head (and --init scratch), order, flips")
@@ -154,15 +157,15 @@ def evaluate(classifier, data, batch_size, dist, autocast):
 
 
 @torch.no_grad()
-def throughput(classifier, projection, images, device, autocast):
+def throughput(classifier, projection, images, device, autocast, chunk_size=None):
     """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, latents given). The first is what a
     user of the classifier pays per raw image; the second is the classifier alone."""
     classifier.eval()
     images = images.to(device)
-    latents = vaes.encode_images(projection, images, autocast)
+    encode = lambda: vaes.encode_images(projection, images, autocast, chunk_size)   # noqa: E731
+    latents = encode()
     with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        return (devices.images_per_second(lambda: classifier(vaes.encode_images(projection, images, autocast)),
-                                          len(images), device),
+        return (devices.images_per_second(lambda: classifier(encode()), len(images), device),
                 devices.images_per_second(lambda: classifier(latents), len(images), device))
 
 
@@ -287,7 +290,8 @@ def main(argv=None):
         for measured in (False, True):   # written before the optional measurement: nothing is lost if it fails
             if measured:
                 batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
-                with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast)
+                with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast,
+                                                    config["encode_batch_size"])
                 results.update(images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
                                throughput_batch_size=len(batch))
             with open(path, "w") as file:

@@ -35,13 +35,13 @@ DEFAULTS = dict(
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
-    normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False,
+    normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False, encode_batch_size=vaes.ENCODE_CHUNK,
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
     resume=None, stop_after_step=None, grid_every=500, eval_only=False,
 )
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
-                    "stop_after_step", "grid_every", "eval_only"}
+                    "stop_after_step", "grid_every", "eval_only", "encode_batch_size"}
 
 
 def build_parser():
@@ -88,6 +88,8 @@ def build_parser():
              "--no-cache or --vae none); 'auto': the crops where possible, the flip except for digit sets")
     add("--precision", choices=("auto", "fp32", "bf16"), help="'auto': bf16 autocast on GPUs with native bf16, "
                                                               "fp32 elsewhere")
+    add("--encode-batch-size", type=int, metavar="N", help="images per call of the frozen VAE, when building the "
+        "latent cache and with --no-cache (lower it if encoding runs out of memory)")
     add("--compile", action=argparse.BooleanOptionalAction,
         help="torch.compile the transformer blocks (opt-in; the first steps are slow while it compiles)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
@@ -130,7 +132,7 @@ def resolve_config(flags, given):
         config["augment"] = datasets.default_augment(config["dataset"], config["cache"])
     if config["augment"] in ("crop", "full") and config["cache"]:
         raise cli.UserError(f"--augment {config['augment']} (random resized crops) cannot be cached; add --no-cache")
-    for flag in ("steps", "batch_size", "log_every", "save_every"):
+    for flag in ("steps", "batch_size", "log_every", "save_every", "encode_batch_size"):
         if config[flag] < 1:
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     return config

@@ -10,7 +10,7 @@ from PIL import Image
 
 import lmd
 import train
-from util import checkpoints, cli, datasets, latent_cache, devices, vaes
+from util import checkpoints, cli, datasets, latent_cache, devices, pretraining, vaes
 
 
 def test_digits_are_real_stratified_and_fixed():
@@ -162,6 +162,26 @@ def test_a_vae_directory_has_one_cache_found_from_any_directory(tmp_path, monkey
     finetune.main(["--checkpoint", str(tmp_path / "run"), "--mode", "knn", "--num-workers", "0", "--device", "cpu"])
     err = capsys.readouterr().err   # the train cache is the one made above; only the val split is new
     assert "train latents" not in err and len(os.listdir(tmp_path / "data" / "lmd_latents")) == 4
+
+
+def test_the_cache_and_on_the_fly_encoding_give_the_same_latents(tmp_path, monkeypatch):
+    """One encode path: the cache build and train.py --no-cache encode alike, in chunks of --encode-batch-size and
+    under bf16 autocast where the GPU has it (faked here on the CPU), so a cached run sees the latents of --no-cache."""
+    monkeypatch.setattr(devices, "autocast_dtype", lambda precision, device: torch.bfloat16)
+    projection, calls = vaes.open_projection("tiny", announce=False), []
+    encode = projection.encode
+    projection.encode = lambda images: calls.append(len(images)) or encode(images)
+    config = dict(dataset="synthetic", data_dir=str(tmp_path), vae="tiny", image_size=32, synthetic_size=4,
+                  num_workers=0, encode_batch_size=1, precision="auto", cache=False, augment="none", batch_size=4, seed=0, steps=1)
+    dist = devices.Distributed("cpu")
+    cache = latent_cache.dataset_latents(config, "train", projection, dist)
+    assert cache["provenance"]["encoding"] == "bf16" and calls == [1] * 8       # 4 images and their mirror images
+    batches = pretraining.TrainingBatches(config, projection, dist, start_step=0)   # --no-cache: encoded per step
+    on_the_fly = batches.latents(0)
+    assert torch.equal(on_the_fly.half(), cache["latents"][batches._indices(0), 0])   # bit for bit, once in fp16
+    images = datasets.ImageDataset(datasets.SyntheticShapes("train", 32, 4), 32)
+    in_fp32 = encode(torch.stack([images[i][0] for i in range(4)]))
+    assert not torch.equal(in_fp32.half(), cache["latents"][:, 0])           # fp32 encoding: other latents
 
 
 def test_generated_and_shipped_sets_record_version_and_split():

@@ -27,11 +27,12 @@ import torch
 
 from util.checkpoints import save_atomic
 from util.datasets import ImageDataset, SyntheticShapes, load_image_source
+from util import devices
 from util.devices import ignore_stop_signals, loader_workers
-from util.vaes import fingerprint, vae_name
+from util.vaes import encode_images, encoding_name, fingerprint, vae_name
 
 CHUNK = 1024         # images per chunk: the unit of work, of resuming, and of what a process holds in memory
-ENCODE_BATCH = 64    # images per VAE call while building
+ENCODE_BATCH = 32    # images per VAE call while building, unless the config says (--encode-batch-size)
 
 
 def cache_file(data_dir, dataset, split, vae, image_size, count=None):
@@ -44,12 +45,14 @@ def cache_file(data_dir, dataset, split, vae, image_size, count=None):
     return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count or ''}-{slug}-{image_size}px.pt")
 
 
-def cache_provenance(dataset, split, projection, image_size, source=None):
-    """What a cache must match to be used: the VAE (its weights' fingerprint), the geometry and, with the images at
-    hand (`source`), their count and identity (source.provenance: a version and split seed, or a folder's file
-    list). Without `source`, a complete cache is taken as it is for the images."""
+def cache_provenance(dataset, split, projection, image_size, source=None, autocast=None):
+    """What a cache must match to be used: the VAE (its weights' fingerprint), the geometry, the encoding precision
+    (`autocast`: bf16 latents differ from fp32 ones) and, with the images at hand (`source`), their count and
+    identity (source.provenance: a version and split seed, or a folder's file list). Without `source`, a complete
+    cache is taken as it is for the images."""
     record = dict(dataset=dataset, split=split, vae=vae_name(projection.name), vae_fingerprint=fingerprint(projection),
-                  image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16")
+                  image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16",
+                  encoding=encoding_name(projection, autocast))
     if source is not None:
         record.update(count=len(source), data=getattr(source, "provenance", None))
     return record
@@ -76,8 +79,10 @@ def open_cache(path, expected, announce=True):
     return cache
 
 
-def build_cache(path, provenance, images, projection, dist, workers=0, description="encoding latents"):
-    """Encode `images` (an ImageDataset) into the cache at `path`, every rank its share of the chunks.
+def build_cache(path, provenance, images, projection, dist, workers=0, description="encoding latents",
+                autocast=None, encode_batch_size=None):
+    """Encode `images` (an ImageDataset) into the cache at `path`, every rank its share of the chunks, with
+    vaes.encode_images (`autocast`, `encode_batch_size` images per VAE call).
 
     All ranks call it. A build killed earlier with the same settings is resumed: its finished chunks are kept.
     """
@@ -92,7 +97,9 @@ def build_cache(path, provenance, images, projection, dist, workers=0, descripti
     done = _read_bytes(os.path.join(parts, "done.u8"))
     mine = [chunk for chunk in range(dist.rank, len(done), dist.world_size) if not done[chunk]]
     image_bytes = math.prod(shape[1:]) * 2
-    for chunk, latents, labels in _encode_chunks(images, mine, projection, dist, workers, description):
+    encode = lambda batch: encode_images(projection, batch, autocast, encode_batch_size)  # noqa: E731
+    for chunk, latents, labels in _encode_chunks(images, mine, encode, encode_batch_size or ENCODE_BATCH, dist,
+                                                 workers, description):
         if latents.shape[1:] != shape[1:]:
             raise RuntimeError(f"the VAE gave latents of shape {list(latents.shape[1:])}, not {list(shape[1:])}")
         _write_at(os.path.join(parts, "latents.f16"), chunk * CHUNK * image_bytes, latents)
@@ -111,13 +118,15 @@ def dataset_latents(config, split, projection, dist, source=None):
     """The cached latents of one split for a run config; if there is no complete matching cache, every rank builds
     its share of it first.
 
-    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers. Rank 0 checks the cache against the
+    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers, and optionally precision (default
+    'auto') and encode_batch_size: the cache is encoded as train.py --no-cache encodes. Rank 0 checks it against the
     images (downloading them first if needed); the other ranks take its word and open a complete cache without
     the images (an image folder of a million files is listed once, not once per rank), unless they build.
     Returns dict(latents [N, 2, C, h, w] fp16 memory-mapped, labels [N], provenance, classes).
     """
     path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"],
                       _named_count(config, split))
+    autocast = devices.autocast_dtype(config.get("precision", "auto"), dist.device)
 
     def load():
         return source if source is not None else load_image_source(
@@ -125,15 +134,16 @@ def dataset_latents(config, split, projection, dist, source=None):
 
     def check():   # rank 0 against the images, which it loads (or downloads) first; the others need none
         images = load() if dist.is_main else source
-        provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images)
+        provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images, autocast)
         return images, open_cache(path, provenance, announce=dist.is_main)
     images, cache = dist.main_first(check)
     if not dist.any(cache is None):
         return cache
     images = images if images is not None else load()   # to build, every rank needs them
-    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images)
+    provenance = cache_provenance(config["dataset"], split, projection, config["image_size"], images, autocast)
     build_cache(path, provenance, ImageDataset(images, config["image_size"]), projection, dist,
-                loader_workers(config.get("num_workers")), f"encoding {config['dataset']} {split} latents")
+                loader_workers(config.get("num_workers")), f"encoding {config['dataset']} {split} latents",
+                autocast, config.get("encode_batch_size"))
     return open_cache(path, provenance, announce=dist.is_main)
 
 
@@ -183,17 +193,17 @@ def _start_or_resume(parts, record):
 
 
 @torch.no_grad()
-def _encode_chunks(images, chunks, projection, dist, workers, description):
-    """For each chunk in `chunks`: (chunk, latents [n, 2, C, h, w] fp16 CPU, labels [n]), encoded ENCODE_BATCH
-    images at a time, with `workers` loading processes.
+def _encode_chunks(images, chunks, encode, batch_size, dist, workers, description):
+    """For each chunk in `chunks`: (chunk, latents [n, 2, C, h, w] fp16 CPU, labels [n]), loaded `batch_size`
+    images at a time by `workers` processes and encoded by `encode` (images [B, 3, S, S] -> latents).
 
     Both flips are stored because the VAE is not flip-equivariant: caching one randomly flipped sample would
     freeze the augmentation, caching both keeps it.
     """
     from tqdm import tqdm
     ranges = {chunk: range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(images))) for chunk in chunks}
-    batches = [(chunk, list(indices[start:start + ENCODE_BATCH]))
-               for chunk, indices in ranges.items() for start in range(0, len(indices), ENCODE_BATCH)]
+    batches = [(chunk, list(indices[start:start + batch_size]))
+               for chunk, indices in ranges.items() for start in range(0, len(indices), batch_size)]
     if not batches:
         return
     loader = torch.utils.data.DataLoader(images, batch_sampler=[indices for _, indices in batches],
@@ -203,7 +213,7 @@ def _encode_chunks(images, chunks, projection, dist, workers, description):
     for (chunk, indices), (batch, label) in tqdm(zip(batches, loader), total=len(batches), desc=description,
                                                  unit="batch", disable=not dist.is_main, dynamic_ncols=True):
         batch = batch.to(dist.device, non_blocking=True)
-        latents.append(torch.stack([projection.encode(batch), projection.encode(batch.flip(-1))], dim=1).half().cpu())
+        latents.append(torch.stack([encode(batch), encode(batch.flip(-1))], dim=1).half().cpu())
         labels.append(torch.as_tensor(label))
         if indices[-1] == ranges[chunk][-1]:   # the chunk's last batch
             yield chunk, torch.cat(latents), torch.cat(labels)

@@ -135,9 +135,10 @@ class TrainingBatches:
     def latents(self, step):
         """This rank's latents for `step` [batch / world_size, C, h, w] on the training device."""
         device = self.dist.device
-        if self.loader is not None:   # encoded here: in chunks, in bf16 where the GPU has it (as bench.py does)
+        if self.loader is not None:   # encoded here as the cache is: in chunks, in bf16 where the GPU has it
             images, _ = next(self.loader)
-            return vaes.encode_images(self.projection, images.to(device, non_blocking=True), self.autocast)
+            return vaes.encode_images(self.projection, images.to(device, non_blocking=True), self.autocast,
+                                      self.config.get("encode_batch_size"))
         indices = self._indices(step)
         generator = sampling.step_generator(self.config["seed"], step, self.dist.rank, stream="flips")
         flips = torch.randint(0, 2, (len(indices),), generator=generator)   # which of the two cached flips
@@ -170,7 +171,9 @@ class HeldOutLoss:
         count = min(self.num_images, len(images))
         batches = [torch.stack([images[i][0] for i in range(start, min(start + 64, count))])
                    for start in range(0, count, 64)]
-        return [self.projection.encode(batch.to(self.device)).cpu() for batch in batches]
+        autocast = devices.autocast_dtype(config.get("precision", "auto"), self.device)   # as the training latents
+        return [vaes.encode_images(self.projection, batch.to(self.device), autocast,
+                                   config.get("encode_batch_size")).cpu() for batch in batches]
 
     @torch.no_grad()
     def __call__(self, model):

@@ -88,22 +88,27 @@ def _from_hub(vae, device, dtype):
                         "pass a local directory") from None
 
 
-ENCODE_CHUNK = 32   # images per VAE call when encoding on the fly (see encode_images)
+ENCODE_CHUNK = 32   # images per VAE call by default (--encode-batch-size; see encode_images)
 
 
 @torch.no_grad()
-def encode_images(projection, images, autocast=None, chunk_size=ENCODE_CHUNK):
-    """images [B, 3, H, W] in [0, 1], on the device -> latents [B, C, H/f, W/f] fp32: encoding on the fly.
+def encode_images(projection, images, autocast=None, chunk_size=None):
+    """images [B, 3, H, W] in [0, 1], on the device -> latents [B, C, H/f, W/f] fp32. The one encode path: the
+    latent cache, train.py --no-cache, the held-out loss and bench.py all encode with it, so their latents agree.
 
-    The frozen VAE sees `chunk_size` images at a time: its activations grow with the batch (an SD VAE encode of a
-    whole 256-image batch at 224 px needs tens of GB), the model's do not. With `autocast` (torch.bfloat16, from
-    devices.autocast_dtype: GPUs with native bf16) it runs under bf16 autocast. train.py --no-cache and bench.py
-    encode with it; the latent cache is encoded once, in fp32.
+    The frozen VAE sees `chunk_size` images at a time (default ENCODE_CHUNK): its activations grow with the batch
+    (an SD VAE encode of a whole 256-image batch at 224 px needs tens of GB), the model's do not. With `autocast`
+    (torch.bfloat16, from devices.autocast_dtype: GPUs with native bf16) it runs under bf16 autocast.
     """
     if projection.is_pixels:
         return projection.encode(images)
     with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
-        return torch.cat([projection.encode(chunk) for chunk in images.split(chunk_size)])
+        return torch.cat([projection.encode(chunk) for chunk in images.split(chunk_size or ENCODE_CHUNK)])
+
+
+def encoding_name(projection, autocast):
+    """How latents were encoded, for a cache's provenance: 'bf16' (bf16 autocast) or 'fp32' (and pixels: 'fp32')."""
+    return "bf16" if autocast is not None and not projection.is_pixels else "fp32"
 
 
 def vae_provenance(vae):
