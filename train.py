@@ -35,9 +35,9 @@ DEFAULTS = dict(
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
-    normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False, encode_batch_size=vaes.ENCODE_CHUNK,
+    normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False,
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
-    resume=None, stop_after_step=None, grid_every=500, eval_only=False,
+    resume=None, stop_after_step=None, grid_every=500, eval_only=False, encode_batch_size=vaes.ENCODE_CHUNK,
 )
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
@@ -97,7 +97,8 @@ def build_parser():
     add("--num-workers", type=int, help="image loading processes when not training on cached latents "
                                         "(default: the cores / processes per node - 1, at most 8)")
     add("--out", help="run directory for config.json, metrics.jsonl and checkpoints")
-    add("--log-every", type=int, help="write a metrics line every N steps (and at every grid)")
+    add("--log-every", type=int, help="write a metrics line every N steps (and at every grid); under torchrun the "
+                                      "processes also agree on a stop request then (one host sync)")
     add("--save-every", type=int, help="save OUT/checkpoint.pt every N steps (and always at the end)")
     add("--eval-images", type=int, help="validation images for the held-out masked-token loss at ratio 0.75 "
                                         "(at every grid and at the end)")
@@ -173,10 +174,11 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
                 save_grid):
     """The training loop. Returns the step it ended at (config["steps"] unless stopped early).
 
-    The losses are read on the host only at logged and saved steps, all those since the last read in one transfer,
-    and each batch is prepared before the host waits for the previous step, so the CPU works while the GPU computes.
-    Under torchrun one all-reduce a step tells every rank whether any was signalled or saw a non-finite loss, so all
-    stop, or fail, at the same step.
+    The losses are read on the host only at logged, saved and grid steps, all those since the last read in one
+    transfer, and each batch is prepared before the host waits for the previous step, so the CPU works while the GPU
+    computes. Under torchrun one all-reduce at each of those steps (not at every step: it waits for the GPU) tells
+    every rank whether any was signalled or saw a non-finite loss since the last, so all stop, or fail, at the same
+    step; a stop request waits for it, at most --log-every - 1 steps.
     """
     from tqdm import tqdm
     autocast = devices.autocast_dtype(config["precision"], dist.device)
@@ -201,14 +203,17 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
         unread.append(loss.detach())
         if done < last_step:   # the next batch is gathered on the CPU while the GPU still computes this step
             latents = batches.latents(done)
-        interrupted, non_finite_anywhere = stop.requested, False
-        if dist.enabled:
-            interrupted, non_finite_anywhere = dist.any_each(stop.requested, ~torch.isfinite(loss))
+        scheduled = done == last_step or any(every and done % every == 0 for every in
+                                             (config["log_every"], config["save_every"], config.get("grid_every")))
+        interrupted, non_finite_anywhere = stop.requested and not dist.enabled, False   # one process: at every step
+        if dist.enabled and scheduled:
+            non_finite = (~torch.isfinite(torch.stack(unread))).any()   # any step since the last check
+            interrupted, non_finite_anywhere = dist.any_each(stop.requested, non_finite)
+        if not (scheduled or interrupted):
+            continue
         logged = done % config["log_every"] == 0 or done == last_step
         saving = done % config["save_every"] == 0 or done == last_step or interrupted
         gridding = dist.is_main and config.get("grid_every") and done % config["grid_every"] == 0
-        if not (logged or saving or gridding or non_finite_anywhere):
-            continue
         losses, unread = torch.stack(unread).tolist(), []
         # never save weights that a non-finite loss has touched
         pretraining.check_finite(losses, done, non_finite_anywhere, last_saved, config["out"])

@@ -106,7 +106,7 @@ def test_only_rank_0_looks_at_the_images_of_a_complete_cache(tmp_path, monkeypat
 
 # Rank 0 first, its failure reaching rank 1, flags agreed on, then train.py with a NaN loss on rank 1 only.
 RANKS_AGREE = """
-import os, sys, time
+import os, signal, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
 import torch
 import train
@@ -134,14 +134,26 @@ def nan_on_rank_1(self, step):
     return latents(self, step) * (float("nan") if dist.rank == 1 and step == 2 else 1.0)
 pretraining.TrainingBatches.latents = nan_on_rank_1
 devices.Distributed = lambda device: dist
-try:
-    train.main(tiny_flags({data!r}, os.path.join(out, "run"), steps=6, save_every=1))
+try:   # the ranks compare notes at steps 2, 4, 6: the NaN of step 3 is found at 4, on both
+    train.main(tiny_flags({data!r}, os.path.join(out, "run"), steps=6, log_every=2, save_every=2))
 except cli.UserError as error:
     say(f"stopped: {{error}}")
+# rank 1 alone is signalled, after step 1; the ranks agree at step 4 (--log-every 4): one all-reduce, not one a step
+agreements, any_each = [], dist.any_each
+dist.any_each = lambda *flags: agreements.append(len(flags)) or any_each(*flags)
+def signal_rank_1(self, step):
+    if dist.rank == 1 and step == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return latents(self, step)
+pretraining.TrainingBatches.latents = signal_rank_1
+stopped_at, train_steps = [], train.train_steps
+train.train_steps = lambda *args: stopped_at.append(train_steps(*args)) or stopped_at[-1]
+train.main(tiny_flags({data!r}, os.path.join(out, "stop"), steps=9, log_every=4, save_every=100))
+say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
 """
 
 
-def test_torchrun_ranks_download_in_turn_and_agree_on_a_non_finite_loss(tmp_path, data_dir):
+def test_torchrun_ranks_download_in_turn_and_agree_on_a_non_finite_loss_and_a_stop(tmp_path, data_dir):
     result = torchrun(RANKS_AGREE.format(root=ROOT, out=str(tmp_path), data=data_dir), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     said = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
@@ -150,8 +162,10 @@ def test_torchrun_ranks_download_in_turn_and_agree_on_a_non_finite_loss(tmp_path
         assert lines[2] == "agreed: [True, False, True]"
     assert said[0][1] == "main_first failed: ZeroDivisionError" and said[1][1] == "main_first failed: UserError"
     assert said[0][3] == said[1][3]                                          # both ranks stop with the same message
-    assert said[0][3].startswith("stopped: the loss became non-finite in a process at step 3;")
+    assert said[0][3].startswith("stopped: the loss became non-finite in a process in steps 3-4;")
     assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 2  # the last good weights
+    assert said[0][4] == said[1][4] == "stop: step [4], 1 all-reduce"     # both stopped at the agreed step
+    assert checkpoints.load_checkpoint(str(tmp_path / "stop"))["step"] == 4
 
 
 def test_resuming_a_checkpoint_of_eight_gpus_restores_the_saver_state_on_one(monkeypatch):

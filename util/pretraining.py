@@ -192,14 +192,15 @@ class HeldOutLoss:
 
 
 def check_finite(losses, done, non_finite_anywhere, last_saved, out):
-    """The run's one-line error if a loss of the steps done - len(losses) + 1 .. done is not finite, or if another
-    process saw one at step `done` (all ranks then give the same message)."""
+    """The run's one-line error if a loss of the steps done - len(losses) + 1 .. done is not finite, or if a process
+    saw one in those steps (all ranks then give the same message)."""
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is None and not non_finite_anywhere:
         return
+    first = done - len(losses) + 1
     if non_finite_anywhere:   # one flag from the all-reduce: the same words on every rank
-        what, step = "non-finite in a process", done
+        what = "non-finite in a process " + (f"at step {done}" if first == done else f"in steps {first}-{done}")
     else:
-        what, step = losses[bad], done - len(losses) + bad + 1
-    raise UserError(f"the loss became {what} at step {step}; the last good checkpoint (step {last_saved}) is "
-                    f"kept in {out}; lower --lr or use --precision fp32")
+        what = f"{losses[bad]} at step {first + bad}"
+    raise UserError(f"the loss became {what}; the last good checkpoint (step {last_saved}) is kept in {out}; "
+                    "lower --lr or use --precision fp32")
