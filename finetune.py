@@ -79,11 +79,11 @@ def build_parser():
     add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
     add("--base-lr", type=float, help="lr = base_lr * batch_size / 256 (default: 0.1 linprobe, 5e-4 finetune)")
     add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
-    add("--weight-decay", type=float, help="weight decay (default: 0 linprobe, 0.05 finetune)")
+    add("--weight-decay", type=float, help="finetune's weight decay (default: 0.05; linprobe has none)")
     add("--warmup-epochs", type=float, help="linear warm-up before the cosine decay (default: 10 linprobe, 5 finetune)")
     add("--layer-decay", type=float, default=DEFAULTS["layer_decay"],
         help="finetune: block i of n trains at lr * decay^(n+1-i); 1 turns it off")
-    add("--label-smoothing", type=float, help="cross-entropy label smoothing (default: 0 linprobe, 0.1 finetune)")
+    add("--label-smoothing", type=float, help="finetune's label smoothing (default: 0.1; linprobe has none)")
     add("--precision", choices=("auto", "fp32", "bf16"), default=DEFAULTS["precision"],
         help="'auto': bf16 autocast on CUDA, fp32 elsewhere")
     add("--encode-batch-size", type=int, default=DEFAULTS["encode_batch_size"],
