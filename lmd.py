@@ -15,6 +15,7 @@ training ("from simple to difficult"). Read this file top to bottom:
 Data, the latent cache, checkpoints, devices and pictures live in util/; train.py and finetune.py use both.
 """
 
+import copy
 import json
 import math
 import os
@@ -157,9 +158,7 @@ def random_masking(tokens, mask_ratio, generator=None):
     """
     batch, length, dim = tokens.shape
     keep = num_visible_tokens(length, mask_ratio)
-    # No generator is passed as no argument at all: torch.compile rejects an explicit generator=None.
-    random = {"generator": generator} if generator is not None else {}
-    noise = torch.rand(batch, length, device=tokens.device, **random)
+    noise = torch.rand(batch, length, device=tokens.device, generator=generator)   # None: the global generator
     shuffle_indices = torch.argsort(noise, dim=1)          # ascending: the first `keep` are kept
     restore_indices = torch.argsort(shuffle_indices, dim=1)
     keep_indices = shuffle_indices[:, :keep]
@@ -239,7 +238,8 @@ class MaskedLatentViT(nn.Module):
         super().__init__()
         if size not in MODEL_SIZES:
             raise ConfigError(f"unknown model size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
-        (width, depth, heads), (dec_width, dec_depth, dec_heads) = MODEL_SIZES[size].values()
+        width, depth, heads = MODEL_SIZES[size]["encoder"]
+        dec_width, dec_depth, dec_heads = MODEL_SIZES[size]["decoder"]
         self.patch_size, self.channels = patch_size, channels
         self.grid = grid_size // patch_size                      # tokens per side
         self.num_tokens = self.grid ** 2
@@ -334,19 +334,22 @@ class LatentClassifier(nn.Module):
     - a probe (`linear_probe=True`, and the kNN probe) reads the class token after the encoder's final norm, with
       the encoder frozen in eval mode; the head is BatchNorm without affine parameters, then a linear layer (MAE);
     - fine-tuning reads the mean of the patch tokens, then a fresh LayerNorm and a linear layer; all of it trains.
-    The decoder only serves pretraining: it is removed from `autoencoder` (in place), so that the optimiser, DDP
-    and the saved classifier never see it.
+    The decoder only serves pretraining: the classifier keeps a copy of `autoencoder` without it, so that the
+    optimiser, DDP and the saved classifier never see it. The `autoencoder` given is left as it was.
     """
+
+    DECODER_PARTS = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
+                     "decoder_head")
 
     def __init__(self, autoencoder, num_classes, linear_probe=False):
         super().__init__()
-        for name in ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
-                     "decoder_head"):
-            if hasattr(autoencoder, name):
-                delattr(autoencoder, name)
-        self.encoder = autoencoder.requires_grad_(not linear_probe)
+        encoder = copy.deepcopy(autoencoder)
+        for name in self.DECODER_PARTS:
+            if hasattr(encoder, name):
+                delattr(encoder, name)
+        self.encoder = encoder.requires_grad_(not linear_probe)
         self.linear_probe = linear_probe
-        width = autoencoder.norm.normalized_shape[0]
+        width = encoder.norm.normalized_shape[0]
         norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if linear_probe else nn.LayerNorm(width, eps=1e-6)
         self.head = nn.Sequential(norm, nn.Linear(width, num_classes))
         nn.init.normal_(self.head[1].weight, std=0.01 if linear_probe else 2e-5)
@@ -416,7 +419,9 @@ class MaskSchedule:
         u = min(max(progress, 0.0) / self.ramp, 1.0)   # position along the ramp
         if self.name == "linear":
             return self.start + (self.end - self.start) * u
-        if self.name == "piecewise":                   # start -> mid over the first quarter, hold, mid -> end
+        # piecewise: start -> mid over the ramp's first quarter (1/6 of training with the default ramp of 2/3),
+        # mid held to the ramp's half (1/3 of training), then mid -> end over its second half.
+        if self.name == "piecewise":
             if u < 0.25:
                 return self.start + (self.mid - self.start) * u / 0.25
             if u < 0.5:

@@ -139,10 +139,23 @@ def test_normalised_targets():
 # ----------------------------------------------------------------------------- model
 
 def test_sincos_position_embedding():
-    embedding = lmd.sincos_position_embedding(16, 4)
+    """MAE's layout: the first half encodes the column, the second the row; each half is [sin | cos] over the
+    frequencies 1 / 10000^(i / (dim/4)), i = 0 .. dim/4 - 1."""
+    embedding = lmd.sincos_position_embedding(16, 4).double()       # [4 * 4 positions, 16]
     assert embedding.shape == (16, 16)
+    row, col = 1, 2
+    e = embedding[row * 4 + col]
+    frequencies = [1.0, 10000 ** -0.25, 10000 ** -0.5, 10000 ** -0.75]
+    expected = ([math.sin(col * f) for f in frequencies] + [math.cos(col * f) for f in frequencies]
+                + [math.sin(row * f) for f in frequencies] + [math.cos(row * f) for f in frequencies])
+    assert torch.allclose(e, torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+    assert torch.equal(embedding[0], torch.tensor([0.0] * 4 + [1.0] * 4 + [0.0] * 4 + [1.0] * 4, dtype=torch.float64))
+    # sin^2 + cos^2 = 1 per frequency: every position has squared norm dim / 2
+    assert torch.allclose(embedding.pow(2).sum(dim=1), torch.full((16,), 8.0, dtype=torch.float64), atol=1e-5)
+    # the dot product of two positions depends only on their offset: (0,0).(1,2) == (2,1).(3,3)
+    assert embedding[0] @ embedding[1 * 4 + 2] == pytest.approx((embedding[2 * 4 + 1] @ embedding[3 * 4 + 3]).item(),
+                                                               abs=1e-5)
     assert len({tuple(row.tolist()) for row in embedding}) == 16   # every position is distinct
-    assert embedding.abs().max() <= 1
 
 
 def test_model_shapes_and_encoder_sees_only_visible_tokens():
@@ -170,10 +183,24 @@ def test_decoder_adds_its_position_embedding():
 
 
 @pytest.mark.parametrize("size", list(lmd.MODEL_SIZES))
-def test_registry_sizes(size):
-    widths = lmd.MODEL_SIZES[size]
-    assert set(widths) == {"encoder", "decoder"}
-    assert lmd.MODEL_SIZES["base"] == dict(encoder=(768, 12, 12), decoder=(512, 8, 16))
+def test_each_size_builds_its_encoder_and_decoder(size):
+    """Built on the meta device (no memory, no time): widths, depths and heads land where the registry says."""
+    with torch.device("meta"):
+        model = lmd.MaskedLatentViT(size, grid_size=8, patch_size=2, channels=4)
+    for part, blocks, norm in (("encoder", model.blocks, model.norm), ("decoder", model.decoder_blocks,
+                                                                       model.decoder_norm)):
+        width, depth, heads = lmd.MODEL_SIZES[size][part]
+        assert (norm.normalized_shape[0], len(blocks), blocks[0].attn.num_heads) == (width, depth, heads), part
+    assert model.decoder_embed.in_features == model.norm.normalized_shape[0]
+
+
+def test_base_encoder_is_vit_b():
+    """The paper's `base`: ViT-B's 12 blocks of width 768 hold 85,054,464 weights (timm's vit_base_patch16_224:
+    86,567,656 in all, less its patch embedding, class token, positions, final norm and 1000-class head)."""
+    with torch.device("meta"):
+        model = lmd.MaskedLatentViT("base", grid_size=28, patch_size=4, channels=4)
+    assert sum(p.numel() for p in model.blocks.parameters()) == 85_054_464
+    assert model.blocks[0].attn.num_heads == 12
 
 
 def test_classifier_features_are_the_class_token_for_probes_and_the_mean_patch_token_for_finetuning():
@@ -188,6 +215,19 @@ def test_classifier_features_are_the_class_token_for_probes_and_the_mean_patch_t
     assert probe(latents).shape == finetune(latents).shape == (4, 10)
     assert not any(p.requires_grad for p in probe.encoder.parameters())
     assert not hasattr(probe.encoder, "decoder_blocks")
+
+
+def test_classifier_leaves_the_autoencoder_it_is_given_as_it_was():
+    model = lmd.MaskedLatentViT("tiny", grid_size=8, patch_size=2, channels=4)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    classifier = lmd.LatentClassifier(model, num_classes=10, linear_probe=True)
+    assert all(hasattr(model, name) for name in lmd.LatentClassifier.DECODER_PARTS)   # the decoder is still there
+    assert all(p.requires_grad for p in model.parameters())                             # and still trainable
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[name], value) for name, value in before.items())
+    assert not any(name.startswith("decoder") for name, _ in classifier.encoder.named_parameters())
+    loss, _, _ = model(torch.randn(2, 4, 8, 8), 0.75)                                   # it still pretrains
+    assert torch.isfinite(loss)
 
 
 # ----------------------------------------------------------------------------- latent projection

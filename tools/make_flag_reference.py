@@ -1,6 +1,8 @@
 """Write docs/flags.md, the flag reference of every script, from the scripts' own parsers.
 
     python tools/make_flag_reference.py        # rerun after changing a flag; never edit docs/flags.md by hand
+
+tests/test_docs.py fails when docs/flags.md differs from what this script writes.
 """
 
 import argparse
@@ -29,9 +31,10 @@ patch chosen for that grid.
 | dataset | image size | latent grid | latent patch | tokens | pixel patch | tokens |
 |---|---|---|---|---|---|---|"""
 
-# Each script at its first path that exists.
-SCRIPTS = [("train.py",), ("finetune.py",), ("tools/bench.py",), ("tools/ablation.py",),
+# Each script at its first path that exists (a script not written yet is left out).
+SCRIPTS = [("train.py",), ("finetune.py",), ("sample.py",), ("tools/bench.py",), ("tools/ablation.py",),
            ("tools/race.py",), ("tools/train_vae.py",)]
+FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
 
 
 def show(value):
@@ -63,7 +66,17 @@ def rows(module, parser):
         yield flag, "" if default is None else f"`{show(default)}`", text.replace("|", "\\|")
 
 
-def main():
+def load_script(path):
+    """The module of a script (train.py, tools/race.py, ...), imported from its file without running its main."""
+    name = "script_" + re.sub(r"\W", "_", path)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def render():
+    """The text of docs/flags.md."""
     lines = PREAMBLE.splitlines()
     for name, size in datasets.DEFAULT_IMAGE_SIZE.items():
         grid, latent, pixel = size // 8, datasets.default_patch_size(size, 8), datasets.default_patch_size(size, 1)
@@ -73,14 +86,16 @@ def main():
         path = next((p for p in candidates if os.path.exists(os.path.join(ROOT, p))), None)
         if path is None:
             continue
-        spec = importlib.util.spec_from_file_location(f"script_{len(lines)}", os.path.join(ROOT, path))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_script(path)
         parser = module.build_parser()
         lines += ["", f"## `{path}`", "", parser.description or "", "", "| flag | default | what it does |",
                   "|---|---|---|", *("| " + " | ".join(row) + " |" for row in rows(module, parser))]
-    with open(os.path.join(ROOT, "docs", "flags.md"), "w") as file:
-        file.write("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    with open(FLAGS_MD, "w") as file:
+        file.write(render())
 
 
 if __name__ == "__main__":
