@@ -55,6 +55,9 @@ def build_parser():
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                         help="methods to race (default: all three)")
     parser.add_argument("--image-size", type=int, help="image side (default: the dataset's, 32 for digits)")
+    parser.add_argument("--pixel-patch", type=int,
+                        help="pixel MAE's patch side (default: the latent patch x the VAE's factor / 2, so that a "
+                             "pixel token covers a quarter of a latent token's area, as in the paper)")
     parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="(default: %(default)s)")
     parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
                         help="probe points along each run, at equal fractions of the budget (default: %(default)s)")
@@ -327,7 +330,8 @@ def prepare(args, device):
     common = dict(train_labels=images["train"][1], val_labels=images["val"][1], views=flips, lr=DEFAULTS["base_lr"])
     spaces = dict(
         pixels=dict(space="pixels", train_inputs=images["train"][0], val_inputs=images["val"][0], channels=3,
-                    size=args.image_size, patch_size=latent_patch * projection.downsample // 2, **common),
+                    size=args.image_size, patch_size=args.pixel_patch or latent_patch * projection.downsample // 2,
+                    **common),
         latents=dict(space="latents", train_inputs=latents["train"], val_inputs=latents["val"],
                      channels=projection.channels, size=latents["train"].shape[-1], patch_size=latent_patch, **common))
     vae = dict(projection.provenance, downsample=projection.downsample, training_seconds=vae_seconds,
@@ -347,6 +351,8 @@ def main(argv=None):
     if args.minutes <= 0 or min(args.seeds, args.probes, args.linprobe_epochs, args.batch_size) < 1:
         raise cli.UserError("--minutes must be positive, and --seeds, --probes, --linprobe-epochs and --batch-size "
                             "at least 1")
+    if args.pixel_patch is not None and (args.pixel_patch < 1 or args.image_size % args.pixel_patch):
+        raise cli.UserError(f"--pixel-patch {args.pixel_patch} must divide the image size ({args.image_size})")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = devices.select_device(args.device)
