@@ -56,9 +56,10 @@ def build_parser():
                         help="methods to race (default: all three)")
     parser.add_argument("--image-size", type=int, help="image side (default: the dataset's, 32 for digits)")
     parser.add_argument("--pixel-patch", type=int,
-                        help="pixel MAE's patch side (default: the latent patch x the VAE's factor / 2, so that a "
-                             "pixel token covers a quarter of a latent token's area, as in the paper)")
-    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"], help="(default: %(default)s)")
+                        help="pixel MAE's patch side (default: latent patch x VAE factor / 2: a pixel token covers a "
+                             "quarter of a latent token's area, as in the paper)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                        help="images per step (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
                         help="probe points along each run, at equal fractions of the budget (default: %(default)s)")
     parser.add_argument("--linprobe-epochs", type=int, default=90, help="epochs of each linear probe (default: 90)")
