@@ -202,6 +202,8 @@ def run_method(name, data, seed, budget, offset, device, args):
         points.append(dict(seed=seed, step=step, train_seconds=trained, seconds=offset + trained,
                            images=step * args.batch_size, mask_ratio=schedule(min(trained / budget, 1.0)),
                            **probe(model, data, device, args.linprobe_epochs, seed)))
+        bar.write(f"{name} seed {seed}: step {step}, {trained:.1f} s of training, kNN top-1 "
+                  f"{points[-1]['knn_top1']:.3f}, linear probe top-1 {points[-1]['linprobe_top1']:.3f}")
     bar.close()
     return points
 
