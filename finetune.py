@@ -190,12 +190,14 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist):
         train_features, train_labels = probes.split_features(classifier, train_data, dist, flips)
         val_features, val_labels = probes.split_features(classifier, val_data, dist, (0,))
         if config["mode"] == "knn":
-            top1 = probes.knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels)
+            top1 = probes.knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels,
+                                   device=dist.device)
             summary, history = dict(best=top1, final=top1), []
         else:
             history = probes.linear_probe(train_features, train_labels, val_features[:, 0], val_labels,
                                           config["epochs"], config["batch_size"], config["lr"] * 256 /
-                                          config["batch_size"], config["warmup_epochs"], config["seed"])
+                                          config["batch_size"], config["warmup_epochs"], config["seed"],
+                                          device=dist.device)
             summary = probes.summarise(history)
         results["top1" if init == "pretrained" else "scratch_top1"] = summary
         results["history" if init == "pretrained" else "scratch_history"] = history

@@ -1,22 +1,28 @@
 """
 The paper's claim on a laptop: LMD against pixel MAE, top-1 against wall-clock time, every cost counted.
 
-    python tools/race.py --dataset digits --minutes 2 --out runs/race            # trains its VAE first (~2 min)
-    python tools/race.py --dataset digits --vae runs/race/vae --minutes 2 --seeds 3 --out runs/race3
+    python tools/race.py --dataset digits --minutes 2 --out runs/race            # trains its VAE first
+    python tools/race.py --dataset digits --vae runs/vae --minutes 5 --seeds 3 --out runs/race3
 
 Three methods, the same encoder size, the same in-memory images and augmentation, the same wall-clock budget:
     pixel_mae    --vae none, constant 0.75, pixel patch = latent patch x VAE factor / 2 (the paper's 16 px vs 4)
     lmd          the VAE's latents, cosine schedule, latent patch
     latent_mae   the VAE's latents, constant 0.75 (what the latent space buys, without the curriculum)
-The mask-ratio and lr schedules are functions of step / steps, so each method's step count is set from a short
-calibration to fill the budget. The latent methods' clock starts at the VAE's training time plus the encoding of
-the dataset. Probing (kNN and the converged linear probe, util/probes.py) is not counted. Writes OUT/results.json,
+The budget is of training seconds, measured as training proceeds (probes excluded): the mask-ratio and lr
+schedules are functions of progress = training seconds / budget, a method stops when its budget is spent, and the
+probe points sit at fractions of the budget. So the steps follow the real clock (a progressive schedule's early
+steps keep more tokens visible and cost more), and every method's final point lands at the budget. The data order
+and the masks are functions of (seed, step), as in train.py; only the ratio and lr of a step follow the clock.
+Two clocks: `train_seconds` (the method's own training: the paper's setting, where the SD VAE is trained once for
+everyone) and `seconds` (the VAE's training and the encoding of the dataset counted: a laptop user who trains a
+VAE first). Images stay in memory as uint8 (flips made on the fly); latents as float32. Writes OUT/results.json,
 OUT/race.md (the table) and OUT/race.png.
 """
 
 import copy
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -30,25 +36,36 @@ import lmd  # noqa: E402
 from util import cli, datasets, devices, optim, probes, sampling, vaes  # noqa: E402
 
 # The laptop recipe of the README (tiny model, unnormalised targets), the same for the three methods.
-DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, warmup_fraction=0.05, probes=8,
-                calibration_steps=6)
+DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, warmup_fraction=0.05, probes=8)
 METHODS = {"pixel_mae": ("pixels", "constant"), "lmd": ("latents", "cosine"), "latent_mae": ("latents", "constant")}
+LR_RESOLUTION = 100_000   # optim.learning_rate works on integer steps: progress is given to it in these units
+TOLERANCE = 0.05          # a final point more than 5% off its budget is reported as such
 
 
 def build_parser():
     parser = cli.ArgumentParser(description="LMD against pixel MAE: top-1 against wall-clock time.")
     parser.add_argument("--dataset", default="digits", choices=datasets.DATASETS, help="images (default: digits)")
     parser.add_argument("--data-dir", default="./data", help="dataset root, as for train.py (default: ./data)")
-    parser.add_argument("--vae", help="a VAE directory (tools/train_vae.py); without it, one is trained first "
-                                      "into OUT/vae and its time is counted")
-    parser.add_argument("--minutes", type=float, required=True, help="wall-clock budget of each method's training")
+    parser.add_argument("--vae", help="a VAE directory (tools/train_vae.py) or a hub id; without it, one is trained "
+                                      "first into OUT/vae and its time is counted")
+    parser.add_argument("--minutes", type=float, required=True,
+                        help="budget of each method's own training, in wall-clock minutes (probes excluded)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per method (default: 1)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                        help="methods to race (default: all three)")
     parser.add_argument("--image-size", type=int, help="image side (default: the dataset's, 32 for digits)")
+    parser.add_argument("--pixel-patch", type=int,
+                        help="pixel MAE's patch side (default: latent patch x VAE factor / 2: a pixel token covers a "
+                             "quarter of a latent token's area, as in the paper)")
+    parser.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"],
+                        help="images per step (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
-                        help="probe points along each run (default: %(default)s)")
+                        help="probe points along each run, at equal fractions of the budget (default: %(default)s)")
     parser.add_argument("--linprobe-epochs", type=int, default=90, help="epochs of each linear probe (default: 90)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="(default: auto)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads; 0 = PyTorch's choice (use 1 on a busy shared CPU) (default: 0)")
     return parser
 
 
@@ -60,7 +77,8 @@ def vae_directory(args):
         return args.vae, seconds
     out = os.path.join(args.out, "vae")
     command = [sys.executable, os.path.join(ROOT, "tools", "train_vae.py"), "--dataset", args.dataset,
-               "--data-dir", args.data_dir, "--out", out, "--image-size", str(args.image_size), "--device", args.device]
+               "--data-dir", args.data_dir, "--out", out, "--image-size", str(args.image_size), "--device", args.device,
+               "--threads", str(args.threads)]
     print("$ " + " ".join(command), file=sys.stderr, flush=True)
     started = time.time()
     if subprocess.call(command) != 0:
@@ -68,68 +86,79 @@ def vae_directory(args):
     return out, time.time() - started
 
 
+def as_float(images, device):
+    """uint8 images [B, 3, S, S] -> float [B, 3, S, S] in [0, 1] on the device."""
+    return images.to(device, non_blocking=True).float().div_(255)
+
+
+def batch_inputs(data, split, indices, views, device):
+    """The model inputs of images `indices` [B] in views `views` [B] (1 = the mirror image) -> [B, C, h, w].
+
+    Pixels are made here from the uint8 images (the flip on the fly), in [-1, 1] as lmd.LatentProjection gives them;
+    latents are read from the views encoded once."""
+    source = data[f"{split}_inputs"]
+    if data["space"] == "latents":
+        return source[indices, views].to(device, non_blocking=True)
+    images = as_float(source[indices], device)
+    flipped = views.to(device).bool().view(-1, 1, 1, 1)
+    return lmd.LatentProjection().encode(torch.where(flipped, images.flip(-1), images))
+
+
 @torch.no_grad()
 def encode_views(projection, images, flips, device, batch_size=256):
-    """images [N, 3, S, S] in [0, 1] -> inputs [N, V, C, h, w]: one view per flip (the mirror image when flipping)."""
+    """uint8 images [N, 3, S, S] -> latents [N, V, C, h, w] float32 on the CPU: one view per flip (the mirror image
+    when flipping), encoded once, through train.py's encode path (vaes.encode_images: the VAE sees a few images
+    at a time, so its activations stay small)."""
     views = []
     for flip in range(flips):
-        chunks = [projection.encode((batch.flip(-1) if flip else batch).to(device)).cpu()
-                  for batch in images.split(batch_size)]
+        chunks = [vaes.encode_images(projection, as_float(batch, device).flip(-1) if flip else as_float(batch, device))
+                  .cpu() for batch in images.split(batch_size)]
         views.append(torch.cat(chunks))
     return torch.stack(views, dim=1)
 
 
-def probe(model, data, device, epochs=90):
-    """kNN and linear-probe top-1 of the model's encoder on frozen features."""
+def probe(model, data, device, epochs=90, seed=0):
+    """kNN and linear-probe top-1 of the model's encoder on frozen features, on the training device."""
     classifier = lmd.LatentClassifier(copy.deepcopy(model), len(set(data["train_labels"].tolist())),
                                       linear_probe=True).to(device)
     features = {}
     for split in ("train", "val"):
-        inputs = data[f"{split}_inputs"][:, 0]
-        batches = ((x.to(device), y) for x, y in zip(inputs.split(256), data[f"{split}_labels"].split(256)))
+        chunks = torch.arange(len(data[f"{split}_labels"])).split(256)
+        batches = ((batch_inputs(data, split, c, torch.zeros_like(c), device), data[f"{split}_labels"][c])
+                   for c in chunks)
         features[split] = probes.encoder_features(classifier, batches)[0]
-    knn = probes.knn_top1(features["train"], data["train_labels"], features["val"], data["val_labels"])
+    knn = probes.knn_top1(features["train"], data["train_labels"], features["val"], data["val_labels"],
+                          device=device)
     history = probes.linear_probe(features["train"].unsqueeze(1), data["train_labels"], features["val"],
-                                  data["val_labels"], epochs=epochs, warmup_epochs=min(10, epochs // 9))
+                                  data["val_labels"], epochs=epochs, warmup_epochs=min(10, epochs // 9), seed=seed,
+                                  device=device)
     return dict(knn_top1=knn, linprobe_top1=history[-1]["top1"])
 
 
 def new_model(data, seed, device):
+    """The encoder-decoder a run of `seed` starts from (so the random-init probe of a seed is its run's start)."""
     torch.manual_seed(seed)
-    channels, size = data["train_inputs"].shape[2], data["train_inputs"].shape[-1]
-    return lmd.MaskedLatentViT(DEFAULTS["model"], size, data["patch_size"], channels).to(device)
+    return lmd.MaskedLatentViT(DEFAULTS["model"], data["size"], data["patch_size"], data["channels"]).to(device)
 
 
-def train_step(model, optimizer, data, schedule, step, steps, seed, device):
-    """One optimiser step of masked autoencoding at the schedule's ratio; the data order is sampling's."""
-    lr = optim.learning_rate(step, steps, int(DEFAULTS["warmup_fraction"] * steps), data["lr"])
+def train_step(model, optimizer, data, schedule, step, progress, seed, batch_size, device):
+    """One optimiser step of masked autoencoding at progress = training seconds / budget in [0, 1]."""
+    lr = optim.learning_rate(int(progress * LR_RESOLUTION), LR_RESOLUTION,
+                             int(DEFAULTS["warmup_fraction"] * LR_RESOLUTION), data["lr"] * batch_size / 256)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    indices = sampling.batch_indices(step, len(data["train_inputs"]), DEFAULTS["batch_size"], seed)
-    generator = sampling.step_generator(seed, step, stream="flips")
-    views = torch.randint(0, data["train_inputs"].shape[1], (len(indices),), generator=generator)
-    loss, _, _ = model(data["train_inputs"][indices, views].to(device), schedule(step / steps), False,
+    indices = sampling.batch_indices(step, len(data["train_labels"]), batch_size, seed)
+    views = torch.randint(0, data["views"], (len(indices),), generator=sampling.step_generator(seed, step, stream="flips"))
+    loss, _, _ = model(batch_inputs(data, "train", indices, views, device), schedule(min(progress, 1.0)), False,
                        generator=sampling.step_generator(seed, step, device=device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
+    return loss
 
 
 def make_optimizer(model):
     return torch.optim.AdamW(optim.parameter_groups(model, DEFAULTS["weight_decay"]), betas=(0.9, 0.95))
-
-
-def calibrate(data, schedule, seconds, seed, device, minimum_steps):
-    """Steps that fill `seconds`: time a few steps at ratios spread over the schedule (a progressive schedule keeps
-    more tokens visible early, so its early steps cost more), on a throw-away model."""
-    model, n = new_model(data, seed, device), DEFAULTS["calibration_steps"]
-    optimizer = make_optimizer(model)
-    train_step(model, optimizer, data, schedule, 0, n, seed, device)   # warm-up: allocator, kernels
-    started = time.perf_counter()
-    for step in range(n):
-        train_step(model, optimizer, data, schedule, step, n, seed, device)
-    synchronize(device)
-    return max(minimum_steps, int(seconds / ((time.perf_counter() - started) / n)))
 
 
 def synchronize(device):
@@ -137,86 +166,156 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def run_method(name, data, seed, seconds, offset, device, args):
-    """Train one method for `seconds` of wall-clock, probing at args.probes evenly spaced steps."""
+def run_method(name, data, seed, budget, offset, device, args):
+    """Train one method for `budget` seconds of its own training, probing at args.probes equal fractions of it.
+
+    The clock runs only around training steps (synchronised on a GPU). A probe point is due once the training
+    seconds reach its fraction; the run stops when the next step would end nearer past the budget than this one
+    ends before it, so the final point lands within half a step of the budget."""
     from tqdm import tqdm
     schedule = lmd.MaskSchedule(METHODS[name][1])
-    steps = calibrate(data, schedule, seconds, seed, device, args.probes)
     model = new_model(data, seed, device)
-    optimizer, points, clock = make_optimizer(model), [], 0.0
-    probe_at = {round(steps * (i + 1) / args.probes) for i in range(args.probes)}
-    started = time.perf_counter()
-    for step in tqdm(range(steps), desc=f"{name} seed {seed}", dynamic_ncols=True):
-        train_step(model, optimizer, data, schedule, step, steps, seed, device)
-        if step + 1 in probe_at:
-            synchronize(device)
-            clock += time.perf_counter() - started
-            points.append(dict(seed=seed, step=step + 1, seconds=offset + clock,
-                               images=(step + 1) * DEFAULTS["batch_size"],
-                               **probe(model, data, device, args.linprobe_epochs)))
-            started = time.perf_counter()
+    optimizer, points, trained, step, step_seconds = make_optimizer(model), [], 0.0, 0, 0.0
+    due = [budget * (i + 1) / args.probes for i in range(args.probes)]
+    warm_up = copy.deepcopy(model)   # one untimed step on a copy: first calls' costs (allocator, kernels)
+    train_step(warm_up, make_optimizer(warm_up), data, schedule, 0, 0.0, seed, args.batch_size, device)
+    del warm_up
+    bar = tqdm(total=round(budget), desc=f"{name} seed {seed}", unit="s", dynamic_ncols=True)
+    while due:
+        started = time.perf_counter()
+        loss = train_step(model, optimizer, data, schedule, step, trained / budget, seed, args.batch_size, device)
+        synchronize(device)
+        step_seconds = time.perf_counter() - started
+        trained, step = trained + step_seconds, step + 1
+        bar.update(round(trained) - bar.n)
+        if trained + step_seconds / 2 < due[0]:
+            continue
+        while due and trained + step_seconds / 2 >= due[0]:   # one step can pass two points on a tiny budget
+            due.pop(0)
+        bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
+        points.append(dict(seed=seed, step=step, train_seconds=trained, seconds=offset + trained,
+                           images=step * args.batch_size, mask_ratio=schedule(min(trained / budget, 1.0)),
+                           **probe(model, data, device, args.linprobe_epochs, seed)))
+        bar.write(f"{name} seed {seed}: step {step}, {trained:.1f} s of training, kNN top-1 "
+                  f"{points[-1]['knn_top1']:.3f}, linear probe top-1 {points[-1]['linprobe_top1']:.3f}")
+    bar.close()
     return points
 
 
-def summarise(results):
-    """The markdown table: final top-1 (mean +- std over seeds) and time to 95% of pixel MAE's kNN gain."""
-    def final(name, key):
-        values = torch.tensor([[p for p in results[name] if p["seed"] == s][-1][key] for s in seeds])
-        return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+def runs(results, name):
+    """A method's points split by seed -> [[point, ...] per seed], in seed order."""
+    seeds = sorted({p["seed"] for p in results[name]})
+    return [[p for p in results[name] if p["seed"] == s] for s in seeds]
 
-    seeds = sorted({p["seed"] for p in results["pixel_mae"]})
-    random_pixels = results["random"]["pixels"]["knn_top1"]
-    target = random_pixels + 0.95 * (final("pixel_mae", "knn_top1")[0] - random_pixels)
-    lines = ["| method | kNN top-1 | linear probe top-1 | seconds to 95% of pixel MAE's kNN gain |",
-             "|---|---|---|---|"]
-    for name in METHODS:
-        reached = []
-        for s in seeds:
-            hits = [p["seconds"] for p in results[name] if p["seed"] == s and p["knn_top1"] >= target]
-            reached.append(hits[0] if hits else None)
-        when = ("not reached" if None in reached else f"{sum(reached) / len(reached):.0f}") if target > random_pixels \
-            else "n/a (pixel MAE gained nothing)"
-        knn, lin = final(name, "knn_top1"), final(name, "linprobe_top1")
-        lines.append(f"| {name} | {knn[0]:.3f} ± {knn[1]:.3f} | {lin[0]:.3f} ± {lin[1]:.3f} | {when} |")
-    for space, record in results["random"].items():
-        lines.append(f"| random init ({space}) | {record['knn_top1']:.3f} | {record['linprobe_top1']:.3f} | |")
+
+def mean_std(values):
+    values = torch.tensor(values, dtype=torch.float64)
+    return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+
+
+def cell(values, digits=3):
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def method_row(results, name, target):
+    """One table row: top-1 at the budget, kNN at the budget with the VAE counted, seconds to the target."""
+    budget, finals = results["budget_seconds"], [run[-1] for run in runs(results, name)]
+    # equal seconds with the VAE counted: each seed's last point at or before the budget on that clock
+    counted = [([p for p in run if p["seconds"] <= budget * (1 + TOLERANCE)] or [None])[-1]
+               for run in runs(results, name)]
+    if None in counted:
+        counted_cell = "not started (VAE + encoding take longer)"
+    else:
+        trained = mean_std([p["train_seconds"] for p in counted])[0]
+        counted_cell = f"{cell([p['knn_top1'] for p in counted])} (after {trained:.0f} s of training)"
+    if target is None:
+        when = "n/a (pixel MAE did not beat its random init)"
+    else:
+        reached = [next((p for p in run if p["knn_top1"] >= target), None) for run in runs(results, name)]
+        when = "not reached" if None in reached else " / ".join(
+            f"{mean_std([p[clock] for p in reached])[0]:.0f}" for clock in ("train_seconds", "seconds"))
+    return (f"| {name} | {cell([p['knn_top1'] for p in finals])} | {cell([p['linprobe_top1'] for p in finals])} | "
+            f"{counted_cell} | {when} | {cell([p['train_seconds'] for p in finals], 1)} |")
+
+
+def summarise(results):
+    """The markdown table: top-1 at the budget on both clocks (mean ± std over seeds), seconds to 95% of pixel
+    MAE's kNN gain on both clocks, the final points' training seconds, and the random inits of the same seeds."""
+    budget, names = results["budget_seconds"], [n for n in METHODS if results.get(n)]
+    target = None
+    if "pixel_mae" in names:
+        random_pixels = mean_std([r["knn_top1"] for r in results["random"]["pixels"]])[0]
+        pixel_final = mean_std([run[-1]["knn_top1"] for run in runs(results, "pixel_mae")])[0]
+        if pixel_final > random_pixels:
+            target = random_pixels + 0.95 * (pixel_final - random_pixels)
+    lines = [f"| method | kNN top-1 at {budget:.0f} s of training | linear probe top-1 at {budget:.0f} s | "
+             f"kNN top-1 at {budget:.0f} s, VAE counted | s to 95% of pixel MAE's kNN gain (own / VAE counted) | "
+             f"training s of the final point |", "|---|---|---|---|---|---|"]
+    lines += [method_row(results, name, target) for name in names]
+    for space, records in results["random"].items():
+        lines.append(f"| random init ({space}, the same seeds) | {cell([r['knn_top1'] for r in records])} | "
+                     f"{cell([r['linprobe_top1'] for r in records])} | | | |")
     return "\n".join(lines) + "\n"
 
 
+def off_budget(results):
+    """The final points more than 5% off the budget -> [(method, seed, training seconds)]."""
+    budget = results["budget_seconds"]
+    return [(name, p["seed"], p["train_seconds"]) for name in METHODS if results.get(name)
+            for p in (run[-1] for run in runs(results, name)) if abs(p["train_seconds"] - budget) > TOLERANCE * budget]
+
+
 def plot(results, path):
-    """Top-1 against wall-clock seconds and against images seen, kNN and linear probe, random init dashed."""
+    """Top-1 against the method's own training seconds, against seconds with the VAE's training and the encoding
+    counted, and against images seen; kNN and linear probe; the random inits dashed."""
     from matplotlib.figure import Figure
-    figure = Figure(figsize=(11, 7), layout="constrained")
-    axes = figure.subplots(2, 2)
+    figure = Figure(figsize=(15, 7), layout="constrained")
+    axes = figure.subplots(2, 3)
     colours = dict(pixel_mae="tab:blue", lmd="tab:red", latent_mae="tab:green")
+    labels = dict(train_seconds="seconds of the method's own training (VAE amortised)",
+                  seconds="seconds, VAE training + encoding counted", images="images seen")
     for row, key in enumerate(("knn_top1", "linprobe_top1")):
-        for column, x in enumerate(("seconds", "images")):
+        for column, x in enumerate(labels):
             ax = axes[row, column]
-            for name, points in results.items():
-                if name not in METHODS:
-                    continue
-                for seed in sorted({p["seed"] for p in points}):
-                    mine = [p for p in points if p["seed"] == seed]
+            for name in METHODS:
+                for number, seed in enumerate(sorted({p["seed"] for p in results.get(name, [])})):
+                    mine = [p for p in results[name] if p["seed"] == seed]
                     ax.plot([p[x] for p in mine], [p[key] for p in mine], "o-", color=colours[name], markersize=3,
-                            label=name if seed == mine[0]["seed"] and seed == points[0]["seed"] else None)
+                            linewidth=1, label=name if number == 0 else None)
             for space, style in (("pixels", "tab:blue"), ("latents", "tab:red")):
-                ax.axhline(results["random"][space][key], linestyle="--", color=style, linewidth=1,
-                           label=f"random init ({space})")
+                if space in results["random"]:
+                    level = mean_std([r[key] for r in results["random"][space]])[0]
+                    ax.axhline(level, linestyle="--", color=style, linewidth=1, label=f"random init ({space})")
             if x == "seconds" and results["vae"]["offset_seconds"]:
                 ax.axvline(results["vae"]["offset_seconds"], color="grey", linewidth=0.8,
                            label="VAE training + encoding")
-            ax.set(xlabel="wall-clock seconds (VAE and encoding counted)" if x == "seconds" else "images seen",
-                   ylabel=key.replace("_top1", " top-1").replace("linprobe", "linear probe"))
+            if x != "images":
+                ax.axvline(results["budget_seconds"], color="black", linestyle=":", linewidth=0.8, label="budget")
+            ax.set(xlabel=labels[x], ylabel=key.replace("_top1", " top-1").replace("linprobe", "linear probe"))
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    figure.suptitle(f"LMD vs pixel MAE on {results['vae']['dataset']} ({results['device']})")
-    figure.savefig(path, dpi=110)
+    figure.suptitle(f"LMD vs pixel MAE on {results['vae']['dataset']}: {results['budget_seconds']:.0f} s of "
+                    f"training each, {results['seeds']} seed(s) ({results['device']})")
+    figure.savefig(path, dpi=100)
+
+
+def load_uint8(dataset, data_dir, split, image_size):
+    """A whole split as uint8 images [N, 3, S, S] and labels [N], converted a batch at a time (4x less memory than
+    float32: CIFAR-10 at 128 px is 2.5 GB, not 10)."""
+    source = datasets.ImageDataset(datasets.load_image_source(dataset, data_dir, split, image_size), image_size)
+    images = torch.empty(len(source), 3, image_size, image_size, dtype=torch.uint8)
+    labels, start = [], 0
+    for batch, label in torch.utils.data.DataLoader(source, batch_size=256):
+        images[start:start + len(batch)] = batch.mul(255).round_().to(torch.uint8)
+        labels.append(torch.as_tensor(label))
+        start += len(batch)
+    return images, torch.cat(labels).long()
 
 
 def prepare(args, device):
-    """Images once, in memory; the VAE (trained here if needed); the pixel and latent inputs of both methods."""
-    images = {split: datasets.load_image_tensors(args.dataset, args.data_dir, split, args.image_size)
-              for split in ("train", "val")}
+    """Images once, in memory (uint8); the VAE (trained here if needed); the latent views encoded once."""
+    images = {split: load_uint8(args.dataset, args.data_dir, split, args.image_size) for split in ("train", "val")}
     vae_dir, vae_seconds = vae_directory(args)
     projection = vaes.open_projection(vae_dir, device)
     flips = 1 if args.dataset in datasets.NO_FLIP else 2
@@ -224,47 +323,66 @@ def prepare(args, device):
     latents = {split: encode_views(projection, images[split][0], flips if split == "train" else 1, device)
                for split in images}
     encode_seconds = time.time() - started
-    pixels = {split: encode_views(lmd.LatentProjection(), images[split][0], flips if split == "train" else 1, device)
-              for split in images}
     latent_patch = datasets.default_latent_patch(args.image_size // projection.downsample)
-    labels = dict(train_labels=images["train"][1], val_labels=images["val"][1])
-    lr = DEFAULTS["base_lr"] * DEFAULTS["batch_size"] / 256
+    common = dict(train_labels=images["train"][1], val_labels=images["val"][1], views=flips, lr=DEFAULTS["base_lr"])
     spaces = dict(
-        pixels=dict(train_inputs=pixels["train"], val_inputs=pixels["val"], lr=lr, **labels,
-                    patch_size=latent_patch * projection.downsample // 2),
-        latents=dict(train_inputs=latents["train"], val_inputs=latents["val"], lr=lr, **labels,
-                     patch_size=latent_patch))
+        pixels=dict(space="pixels", train_inputs=images["train"][0], val_inputs=images["val"][0], channels=3,
+                    size=args.image_size, patch_size=args.pixel_patch or latent_patch * projection.downsample // 2,
+                    **common),
+        latents=dict(space="latents", train_inputs=latents["train"], val_inputs=latents["val"],
+                     channels=projection.channels, size=latents["train"].shape[-1], patch_size=latent_patch, **common))
     vae = dict(projection.provenance, downsample=projection.downsample, training_seconds=vae_seconds,
                encode_seconds=encode_seconds, offset_seconds=vae_seconds + encode_seconds, dataset=args.dataset)
     return spaces, vae
 
 
+def peak_rss_mb():
+    """This process's peak resident memory in MB (ru_maxrss is in KB on Linux, in bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.image_size = args.image_size or datasets.DEFAULT_IMAGE_SIZE[args.dataset]
-    if args.minutes <= 0 or args.seeds < 1 or args.probes < 1 or args.linprobe_epochs < 1:
-        raise cli.UserError("--minutes must be positive, and --seeds, --probes and --linprobe-epochs at least 1")
+    if args.minutes <= 0 or min(args.seeds, args.probes, args.linprobe_epochs, args.batch_size) < 1:
+        raise cli.UserError("--minutes must be positive, and --seeds, --probes, --linprobe-epochs and --batch-size "
+                            "at least 1")
+    if args.pixel_patch is not None and (args.pixel_patch < 1 or args.image_size % args.pixel_patch):
+        raise cli.UserError(f"--pixel-patch {args.pixel_patch} must divide the image size ({args.image_size})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = devices.select_device(args.device)
     os.makedirs(args.out, exist_ok=True)
     spaces, vae = prepare(args, device)
-    results = {name: [] for name in METHODS}
-    results["random"] = {space: probe(new_model(data, 0, device), data, device, args.linprobe_epochs)
-                         for space, data in spaces.items()}
+    budget = args.minutes * 60
+    used = {METHODS[name][0] for name in args.methods}
+    results = {name: [] for name in args.methods}
+    results["random"] = {space: [] for space in spaces if space in used}
     for seed in range(args.seeds):
-        for name, (space, _) in METHODS.items():
+        for space in results["random"]:
+            results["random"][space].append(dict(seed=seed, **probe(new_model(spaces[space], seed, device),
+                                                                    spaces[space], device, args.linprobe_epochs, seed)))
+        for name in args.methods:
+            space = METHODS[name][0]
             offset = vae["offset_seconds"] if space == "latents" else 0.0
-            results[name] += run_method(name, spaces[space], seed, args.minutes * 60, offset, device, args)
-    results.update(vae=vae, device=str(device), minutes=args.minutes, seeds=args.seeds,
+            results[name] += run_method(name, spaces[space], seed, budget, offset, device, args)
+    results.update(vae=vae, device=str(device), minutes=args.minutes, budget_seconds=budget, seeds=args.seeds,
+                   batch_size=args.batch_size, threads=torch.get_num_threads(),
                    patch_size={space: data["patch_size"] for space, data in spaces.items()},
-                   tokens={space: (data["train_inputs"].shape[-1] // data["patch_size"]) ** 2
-                           for space, data in spaces.items()})
+                   tokens={space: (data["size"] // data["patch_size"]) ** 2 for space, data in spaces.items()},
+                   peak_rss_mb=peak_rss_mb(), command="python tools/race.py " + " ".join(argv or sys.argv[1:]))
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(results, file, indent=2)
     table = summarise(results)
     with open(os.path.join(args.out, "race.md"), "w") as file:
         file.write(table)
     plot(results, os.path.join(args.out, "race.png"))
-    print(table + f"\n{args.out}/race.png, {args.out}/results.json", file=sys.stderr)
+    for name, seed, seconds in off_budget(results):
+        print(f"warning: {name} seed {seed} ended at {seconds:.1f} s of training, more than 5% off the budget "
+              f"({budget:.0f} s): a step took too long for this budget", file=sys.stderr)
+    print(table + f"\n{args.out}/race.png, {args.out}/results.json (peak RSS {results['peak_rss_mb']:.0f} MB)",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

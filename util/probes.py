@@ -46,41 +46,69 @@ def split_features(classifier, data, dist, flips):
 
 
 @torch.no_grad()
-def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, chunk=1024):
+def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, device=None,
+             chunk=1024, train_chunk=65536):
     """Weighted k-nearest-neighbour top-1 (DINO's protocol) -> fraction in [0, 1].
 
-    train_features [N, D], val_features [M, D]; each validation image's k most similar training images (cosine
-    similarity) vote for their class with weight exp(similarity / temperature).
+    train_features [N, D], val_features [M, D] (on any device); each validation image's k most similar training
+    images (cosine similarity) vote for their class with weight exp(similarity / temperature). Computed on `device`
+    (default: where the features are): the normalised training features move there once (N x D floats), the
+    similarities [chunk, train_chunk] are made a block at a time and only each block's k best are kept, so memory
+    stays bounded (on ImageNet one [1024, 1.28M] block would be 5 GB). With N <= train_chunk there is one block,
+    and on the CPU the result is exactly the unblocked computation's.
     """
+    device = torch.device(device) if device is not None else train_features.device
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    train = F.normalize(train_features.float(), dim=1)
+    train = F.normalize(train_features.to(device, torch.float32), dim=1)
+    train_labels, k = train_labels.to(device), min(k, len(train_features))
     correct = 0
     for start in range(0, len(val_features), chunk):
-        query = F.normalize(val_features[start:start + chunk].float(), dim=1)
-        similarity, index = (query @ train.T).topk(min(k, len(train)), dim=1)     # [m, k]
-        votes = torch.zeros(len(query), num_classes).scatter_add_(1, train_labels[index],
-                                                                  (similarity / temperature).exp())
-        correct += (votes.argmax(dim=1) == val_labels[start:start + chunk]).sum().item()
+        query = F.normalize(val_features[start:start + chunk].to(device, torch.float32), dim=1)
+        similarity, index = None, None
+        for first in range(0, len(train), train_chunk):
+            block_similarity, block_index = (query @ train[first:first + train_chunk].T).topk(
+                min(k, len(train) - first), dim=1)                                        # [m, k]
+            block_index += first
+            if similarity is not None:   # merge with the best of the earlier blocks
+                block_similarity, order = torch.cat([similarity, block_similarity], 1).topk(
+                    min(k, similarity.shape[1] + block_similarity.shape[1]), dim=1)
+                block_index = torch.cat([index, block_index], 1).gather(1, order)
+            similarity, index = block_similarity, block_index
+        votes = torch.zeros(len(query), num_classes, device=device).scatter_add_(1, train_labels[index],
+                                                                                 (similarity / temperature).exp())
+        correct += (votes.argmax(dim=1).cpu() == val_labels[start:start + chunk].cpu()).sum().item()
     return correct / len(val_features)
 
 
-def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.5,
-                 warmup_epochs=10, seed=0, num_classes=None):
-    """MAE's linear probe on cached features -> history [dict(epoch, top1)], the top-1 after each epoch.
-
-    train_features [N, F, D]: F views per image (F = 2 with the mirror image, 1 without); each epoch draws one
-    view per image, which is the flip augmentation. val_features [M, D]. SGD with momentum 0.9, no weight decay,
-    lr = base_lr * batch_size / 256.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    num_items, num_views, width = train_features.shape
-    num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
+def probe_head(width, num_classes, seed):
+    """The linear probe's head: BatchNorm without affine parameters + a linear layer (weights N(0, 0.01), bias 0),
+    a function of `seed` alone: drawn inside a forked RNG, whatever the caller did with the global one."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False, eps=1e-6),
                                    torch.nn.Linear(width, num_classes))
-    torch.nn.init.normal_(head[1].weight, std=0.01)
-    torch.nn.init.zeros_(head[1].bias)
+        torch.nn.init.normal_(head[1].weight, std=0.01)
+        torch.nn.init.zeros_(head[1].bias)
+    return head
+
+
+def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.5,
+                 warmup_epochs=10, seed=0, num_classes=None, device=None, chunk=65536):
+    """MAE's linear probe on cached features -> history [dict(epoch, top1)], the top-1 after each epoch.
+
+    train_features [N, F, D]: F views per image (F = 2 with the mirror image, 1 without); each epoch draws one
+    view per image, which is the flip augmentation. val_features [M, D]. SGD with momentum 0.9, no weight decay,
+    lr = base_lr * batch_size / 256. The head's initialisation, the data order and the views all come from `seed`
+    alone (not from the global RNG), so the probes of a pretrained and of a random-init encoder start from the same
+    head. Computed on `device` (default: where the features are): the features stay where they are and each batch
+    (and `chunk` validation rows at a time) moves there, so host RAM holds them, not the accelerator.
+    """
+    device = torch.device(device) if device is not None else train_features.device
+    generator = torch.Generator().manual_seed(seed)
+    num_items, num_views, width = train_features.shape
+    num_classes = num_classes or int(max(train_labels.max(), val_labels.max())) + 1
+    train_labels = train_labels.to(train_features.device)
+    head = probe_head(width, num_classes, seed).to(device)
     optimizer = torch.optim.SGD(head.parameters(), lr=0.0, momentum=0.9)
     batch_size = min(batch_size, num_items)
     steps_per_epoch = num_items // batch_size
@@ -88,20 +116,22 @@ def linear_probe(train_features, train_labels, val_features, val_labels, epochs=
     peak_lr, history = base_lr * batch_size / 256, []
     for epoch in range(epochs):
         head.train()
-        order = torch.randperm(num_items, generator=generator)
-        views = torch.randint(0, num_views, (num_items,), generator=generator)
+        order = torch.randperm(num_items, generator=generator).to(train_features.device)
+        views = torch.randint(0, num_views, (num_items,), generator=generator).to(train_features.device)
         for position in range(steps_per_epoch):
             step = epoch * steps_per_epoch + position
             optimizer.param_groups[0]["lr"] = learning_rate(step, total, min(warmup, total - 1), peak_lr)
             chosen = order[position * batch_size:(position + 1) * batch_size]
-            loss = F.cross_entropy(head(train_features[chosen, views[chosen]]), train_labels[chosen])
+            inputs, targets = train_features[chosen, views[chosen]].to(device), train_labels[chosen].to(device)
+            loss = F.cross_entropy(head(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
         head.eval()
         with torch.no_grad():
-            top1 = (head(val_features).argmax(dim=1) == val_labels).float().mean().item()
-        history.append(dict(epoch=epoch + 1, top1=top1))
+            correct = sum((head(features.to(device)).argmax(dim=1).cpu() == labels.cpu()).sum().item()
+                          for features, labels in zip(val_features.split(chunk), val_labels.split(chunk)))
+        history.append(dict(epoch=epoch + 1, top1=correct / len(val_features)))
     return history
 
 
