@@ -148,7 +148,8 @@ def train_step(model, optimizer, data, schedule, step, progress, seed, batch_siz
     for group in optimizer.param_groups:
         group["lr"] = lr
     indices = sampling.batch_indices(step, len(data["train_labels"]), batch_size, seed)
-    views = torch.randint(0, data["views"], (len(indices),), generator=sampling.step_generator(seed, step, stream="flips"))
+    flips = sampling.step_generator(seed, step, stream="flips")   # its own stream, not a bit of the mask noise
+    views = torch.randint(0, data["views"], (len(indices),), generator=flips)
     loss, _, _ = model(batch_inputs(data, "train", indices, views, device), schedule(min(progress, 1.0)), False,
                        generator=sampling.step_generator(seed, step, device=device))
     optimizer.zero_grad(set_to_none=True)
