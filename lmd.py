@@ -169,6 +169,17 @@ def random_masking(tokens, mask_ratio, generator=None):
     return visible_tokens, mask, restore_indices
 
 
+def insert_mask_tokens(x, mask_token, restore_indices):
+    """x [B, 1 + K, D] (class token, then the K visible tokens in shuffled order), mask_token [1, 1, D],
+    restore_indices [B, L] -> [B, 1 + L, D]: the class token, then every token in its place, mask tokens where hidden.
+    """
+    batch, length = restore_indices.shape
+    mask_tokens = mask_token.expand(batch, length + 1 - x.shape[1], -1)
+    shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)      # visible first, then masked
+    unshuffled = torch.gather(shuffled, 1, restore_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.cat([x[:, :1], unshuffled], dim=1)
+
+
 #################################################################################
 #                             3. Transformer blocks                             #
 #################################################################################
@@ -306,11 +317,8 @@ class MaskedLatentViT(nn.Module):
     def forward_decoder(self, encoded, restore_indices):
         """encoded [B, 1 + K, width] -> predictions [B, L, p*p*C] for every token."""
         x = self.decoder_embed(encoded)                           # to the decoder's width
-        batch, length = restore_indices.shape
-        mask_tokens = self.mask_token.expand(batch, length + 1 - x.shape[1], -1)
-        shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)      # visible first, then masked
-        unshuffled = torch.gather(shuffled, 1, restore_indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        x = torch.cat([x[:, :1], unshuffled], dim=1) + self.decoder_pos_embed  # added (the authors subtract it)
+        # every token back in its place, mask tokens where hidden; the position is added (the authors subtract it)
+        x = insert_mask_tokens(x, self.mask_token, restore_indices) + self.decoder_pos_embed
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_head(self.decoder_norm(x))[:, 1:]     # a guess for every token, the class token dropped
@@ -338,15 +346,12 @@ class LatentClassifier(nn.Module):
     optimiser, DDP and the saved classifier never see it. The `autoencoder` given is left as it was.
     """
 
-    DECODER_PARTS = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
-                     "decoder_head")
-
     def __init__(self, autoencoder, num_classes, linear_probe=False):
         super().__init__()
         encoder = copy.deepcopy(autoencoder)
-        for name in self.DECODER_PARTS:
-            if hasattr(encoder, name):
-                delattr(encoder, name)
+        parts = (*encoder._modules, *encoder._parameters, *encoder._buffers)
+        for name in [name for name in parts if name.startswith("decoder_") or name == "mask_token"]:
+            delattr(encoder, name)   # the decoder's parts: their names start with decoder_ (and the mask token)
         self.encoder = encoder.requires_grad_(not linear_probe)
         self.linear_probe = linear_probe
         width = encoder.norm.normalized_shape[0]

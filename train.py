@@ -1,13 +1,17 @@
 """
-LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive mask ratio.
+LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive mask ratio; or one of its diffusion
+relatives (relatives/): --objective ddpm (plain diffusion), --objective maskdm (MaskDM's masked pretraining).
 
     python train.py --scheduler cosine                                  # CIFAR-10, SD VAE, one GPU or CPU
+    python train.py --objective ddpm --dataset digits --vae VAE --model tiny --steps 3000 --out R   # then sample.py
+    python train.py --objective ddpm --init runs/maskdm ...             # fine-tune an earlier run with no mask
     python train.py --dataset synthetic --vae tiny --steps 100          # offline, no download at all
     torchrun --nproc_per_node=8 train.py --dataset imagefolder --data-dir /data/imagenet --model base
     python train.py --resume runs/lmd                                   # continue an interrupted run exactly
 
-Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step), OUT/checkpoint.pt, reconstruction
-grids OUT/grid_*.png, OUT/curves.png and, at the end, OUT/summary.json.
+Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step), OUT/checkpoint.pt, grids
+OUT/grid_*.png (LMD: reconstructions; diffusion objectives: samples), OUT/curves.png and, at the end,
+OUT/summary.json.
 """
 
 import argparse
@@ -19,6 +23,7 @@ import time
 import torch
 
 import lmd
+import relatives
 from util import checkpoints
 from util import cli
 from util import datasets
@@ -32,6 +37,7 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
+    objective="lmd", init=None, block_size=2,
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
@@ -39,6 +45,16 @@ DEFAULTS = dict(
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
     resume=None, stop_after_step=None, grid_every=500, eval_only=False, encode_batch_size=vaes.ENCODE_CHUNK,
 )
+# The diffusion objectives' own defaults, where they differ from LMD's. Small batches: on the digits' VAE latents
+# ddpm's tiny model reaches fd_normalised ~0.2 in 3000 steps of 64 (minutes on a CPU); MaskDM's ratio 0.75 in
+# blocks of 2 x 2 tokens keeps one block of four on the digits' 4 x 4 token grid. No weight decay (as DiT).
+OBJECTIVE_DEFAULTS = {
+    "ddpm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False),
+    "maskdm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False, mask_ratio=0.75),
+}
+# Flags of LMD's masking curriculum, which no diffusion objective reads; and MaskDM's own.
+LMD_ONLY = {"scheduler", "mask_start", "mask_end", "mask_plateau", "ramp_fraction", "normalize_targets"}
+MASKDM_ONLY = {"block_size"}
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
                     "stop_after_step", "grid_every", "eval_only", "encode_batch_size"}
@@ -50,13 +66,23 @@ def build_parser():
                                 argument_default=argparse.SUPPRESS)
 
     def add(flag, **kwargs):
-        default = DEFAULTS[flag[2:].replace("-", "_")]
-        if default is not None and "%(default)" not in kwargs.get("help", ""):
-            kwargs["help"] += f" (default: {default:.4g})" if isinstance(default, float) else f" (default: {default})"
+        key = flag[2:].replace("-", "_")
+        show = lambda value: f"{value:.4g}" if isinstance(value, float) else f"{value}"   # noqa: E731
+        if DEFAULTS[key] is not None and "%(default)" not in kwargs.get("help", ""):
+            others = "".join(f"; {name}: {show(values[key])}" for name, values in OBJECTIVE_DEFAULTS.items()
+                             if key in values)
+            kwargs["help"] += f" (default: {show(DEFAULTS[key])}{others})"
         parser.add_argument(flag, **kwargs)
 
+    add("--objective", choices=relatives.OBJECTIVES, help="what to train: 'lmd' (the masked autoencoder), 'ddpm' "
+        "(diffusion: the same ViT with no mask, eps target, cosine betas, T = 1000), 'maskdm' (MaskDM stage 1: "
+        "block masks, eps loss on the visible tokens only; stage 2 is --objective ddpm --init RUN)")
+    add("--init", metavar="RUN", help="start from the weights of an earlier run (LMD: its encoder; ddpm or "
+                                      "MaskDM: every weight that fits), e.g. --objective ddpm --init MASKDM_RUN")
+    add("--block-size", type=int, help="MaskDM: side of the square blocks of tokens that are masked together "
+                                       "(1 = single tokens)")
     add("--scheduler", choices=lmd.SCHEDULERS, help="mask-ratio schedule; 'constant' is the MAE baseline")
-    add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant")
+    add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant; MaskDM's block-mask ratio")
     add("--mask-start", type=float, help="mask ratio at the start of the progressive schedules")
     add("--mask-end", type=float, help="mask ratio at the end of the ramp, held afterwards")
     add("--mask-plateau", type=float, help="the middle plateau of --scheduler piecewise")
@@ -114,10 +140,12 @@ def build_parser():
 
 
 def parse_flags(argv=None):
-    """-> (all flags with defaults filled in, the set of flags actually given). Local paths of the data and the VAE
-    are made absolute: the run's config (and finetune.py) then finds them, and one latent cache, from anywhere."""
+    """-> (all flags with defaults filled in, the objective's own defaults over LMD's; the set of flags given).
+    Local paths of the data and the VAE are made absolute: the run's config (and finetune.py) then finds them, and
+    one latent cache, from anywhere."""
     given = vars(build_parser().parse_args(argv))
-    flags = {**DEFAULTS, **given}
+    objective = given.get("objective", DEFAULTS["objective"])
+    flags = {**DEFAULTS, **OBJECTIVE_DEFAULTS.get(objective, {}), **given}
     flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
     return flags, set(given)
 
@@ -125,6 +153,11 @@ def parse_flags(argv=None):
 def resolve_config(flags, given):
     """The run's full config: the flags, the per-dataset defaults, and everything derived from them."""
     config = {k: v for k, v in flags.items() if k != "resume"}
+    objective = config["objective"]
+    not_read = ((LMD_ONLY if objective != "lmd" else set()) | (MASKDM_ONLY if objective != "maskdm" else set())
+                | ({"mask_ratio"} if objective == "ddpm" else set()))
+    for flag in sorted(given & not_read):
+        raise cli.UserError(f"--{flag.replace('_', '-')} does not apply to --objective {objective}; drop it")
     config["image_size"] = config["image_size"] or datasets.DEFAULT_IMAGE_SIZE[config["dataset"]]
     config["warmup_steps"] = config["warmup_steps"] if config["warmup_steps"] is not None else config["steps"] // 20
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
@@ -149,8 +182,7 @@ def load_config(argv):
 
 def mask_schedule(config):
     """The run's mask-ratio schedule (built first thing, so that bad ratios fail before any data is encoded)."""
-    return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"], config["mask_plateau"],
-                            config["ramp_fraction"], config["mask_ratio"])
+    return relatives.mask_schedule(config)
 
 
 def build_run(config, checkpoint, dist):
@@ -160,7 +192,14 @@ def build_run(config, checkpoint, dist):
     config["patch_size"] = config["patch_size"] or datasets.default_patch_size(config["image_size"],
                                                                                projection.downsample)
     config["vae_provenance"] = checkpoint["config"].get("vae_provenance") if checkpoint else projection.provenance
-    model = checkpoints.build_model(config, projection).to(dist.device)
+    model = checkpoints.build_model(config, projection)
+    if config["init"] and not checkpoint:   # a resumed run has its weights already
+        config["init_from"] = checkpoints.load_init(model, config["init"], config)
+        if dist.is_main:
+            print(f"--init: {config['init_from']['tensors_loaded']} tensors from {config['init']} "
+                  f"({config['init_from']['objective']}, step {config['init_from']['step']}); fresh: "
+                  f"{', '.join(config['init_from']['fresh_parts']) or 'nothing'}", file=sys.stderr)
+    model = model.to(dist.device)
     optimizer = torch.optim.AdamW(optim.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(0.9, 0.95), fused=dist.device.type in ("cuda", "cpu"))
     if checkpoint:
@@ -184,7 +223,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     autocast = devices.autocast_dtype(config["precision"], dist.device)
     checkpoint_path, metrics_path = (os.path.join(config["out"], name) for name in ("checkpoint.pt", "metrics.jsonl"))
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
-    bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
+    bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc=config["objective"],
                disable=not dist.is_main, dynamic_ncols=True)
     last_saved, started, unread = start_step, time.time(), []   # unread: this rank's losses not yet on the host
     latents = batches.latents(start_step) if start_step < last_step else None
@@ -236,17 +275,30 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     return last_saved
 
 
+def held_out_loss(projection, config, dist):
+    """The run's held-out loss: LMD's masked-token loss at ratio 0.75, or the objective's eps loss at its ratio."""
+    ratio = relatives.held_out_mask_ratio(config)
+    return pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"], ratio)
+
+
+def held_out_record(config, loss):
+    """{name: value} of the held-out loss for summary.json and eval.json (LMD's name is kept for its readers)."""
+    if config["objective"] == "lmd":
+        return dict(held_out_loss_at_0_75=loss)
+    return dict(held_out_eps_loss=loss, held_out_mask_ratio=relatives.held_out_mask_ratio(config))
+
+
 def evaluate(model, projection, config, dist, step):
     """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
     if not dist.is_main:
         return
-    loss = pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"])(model)
-    grid = pictures.GridWriter(model, projection, config)("eval", step)
-    result = dict(step=step, steps=config["steps"], held_out_loss_at_0_75=loss, eval_images=config["eval_images"],
-                  grid=grid)
+    loss = held_out_loss(projection, config, dist)(model)
+    grid = pictures.grid_writer(model, projection, config)("eval", step)
+    result = dict(step=step, steps=config["steps"], **held_out_record(config, loss),
+                  eval_images=config["eval_images"], grid=grid)
     with open(os.path.join(config["out"], "eval.json"), "w") as file:
         json.dump(result, file, indent=2)
-    print(f"step {step}/{config['steps']}: held-out masked-token loss at ratio 0.75 = {loss:.4f}; grid: {grid}")
+    print(f"step {step}/{config['steps']}: held-out loss = {loss:.4f}; grid: {grid}")
 
 
 def main(argv=None):
@@ -269,8 +321,8 @@ def main(argv=None):
         devices.compile_transformer_blocks(model)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     pretraining.start_run_directory(config, model, dist, start_step)
-    held_out = pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"])
-    save_grid = pictures.GridWriter(model, projection, config)
+    held_out = held_out_loss(projection, config, dist)
+    save_grid = pictures.grid_writer(model, projection, config)
     started = time.time()
     with pretraining.StopRequest() as stop:
         step = train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop,
@@ -281,10 +333,10 @@ def main(argv=None):
                   file=sys.stderr)
     elif dist.is_main:
         loss = held_out(model)
-        summary = dict(step=step, held_out_loss_at_0_75=loss, minutes_this_session=(time.time() - started) / 60)
+        summary = dict(step=step, **held_out_record(config, loss), minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
-        print(f"done: held-out masked-token loss at ratio 0.75 = {loss:.4f}; "
+        print(f"done: held-out loss = {loss:.4f} ({', '.join(held_out_record(config, loss))}); "
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
         save_grid("final", step)
     if dist.is_main:  # the curves of every run, finished or stopped

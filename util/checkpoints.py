@@ -5,7 +5,7 @@ import os
 
 import torch
 
-import lmd
+import relatives
 from util.cli import UserError
 from util.datasets import check_geometry
 
@@ -86,6 +86,37 @@ def load_model_state(model, state_dict, path):
 
 
 def build_model(config, projection):
-    """The masked latent ViT described by a run config (dict with model, image_size, patch_size)."""
+    """The model a run config describes (objective, model, image_size, patch_size): LMD's masked latent ViT, or one
+    of its relatives (relatives.build_model)."""
     grid = check_geometry(config["image_size"], projection.downsample, config["patch_size"])
-    return lmd.MaskedLatentViT(config["model"], grid, config["patch_size"], projection.channels)
+    return relatives.build_model(config, grid, projection.channels)
+
+
+# What --init must agree on: the same latent space and the same token layout.
+INIT_MUST_MATCH = ("vae", "image_size", "patch_size", "model")
+
+
+def load_init(model, path, config):
+    """--init RUN: copy the weights of an earlier run (any objective) into a new run's `model`. -> a record of it.
+
+    From an LMD run only the encoder is taken (its decoder learned to fill in masked tokens, not to denoise); from
+    a diffusion run (ddpm, MaskDM stage 1) every tensor whose name and shape fit. What is not copied (the time
+    conditioning when coming from LMD, a decoder, a head of another size) keeps its fresh initialisation.
+    """
+    checkpoint = load_checkpoint(path)
+    source = checkpoint["config"]
+    for key in INIT_MUST_MATCH:
+        if source.get(key) != config.get(key):
+            raise UserError(f"--init {path!r} was trained with --{key.replace('_', '-')} {source.get(key)}, this run "
+                            f"has {config.get(key)}; use the same value")
+    objective = source.get("objective", "lmd")
+    own = model.state_dict()
+    taken = {name: tensor for name, tensor in checkpoint["model"].items()
+             if name in own and own[name].shape == tensor.shape
+             and not (objective == "lmd" and (name.startswith("decoder_") or name == "mask_token"))}
+    if not any(name.startswith("blocks.") for name in taken):
+        raise UserError(f"--init {path!r}: none of its encoder blocks fit this model; check --model and --patch-size")
+    model.load_state_dict(taken, strict=False)
+    fresh = sorted({name.split(".")[0] for name in own if name not in taken})
+    return dict(run=path, objective=objective, step=checkpoint["step"], tensors_loaded=len(taken),
+                tensors_fresh=len(own) - len(taken), fresh_parts=fresh)

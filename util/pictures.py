@@ -148,6 +148,61 @@ def save_reconstruction_grid(model, projection, images, path, normalize_targets=
     return path
 
 
+def save_sample_grid(images, path, title="", subtitle="", columns=8):
+    """Write generated images [N, 3, S, S] in [0, 1] as one PNG: a title strip (`title`, `subtitle`), then the
+    images in rows of `columns`, drawn k times larger (k whole, the least with k*S >= GRID_MIN_SIDE)."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+    grid = make_grid(images.float().cpu(), nrow=columns, padding=2, pad_value=1.0)
+    scale = -(-GRID_MIN_SIDE // images.shape[-1])
+    pixels = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (max(pixels.width, 640), GRID_TITLE_HEIGHT + pixels.height), "white")
+    canvas.paste(pixels, (0, GRID_TITLE_HEIGHT))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 4), title, fill="black", font=ImageFont.load_default(size=15))
+    draw.text((8, 24), subtitle, fill="dimgray", font=ImageFont.load_default(size=12))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp-{os.getpid()}"               # never leave half a PNG behind
+    canvas.save(temporary, format="png")
+    os.replace(temporary, path)
+    return path
+
+
+def space_name(projection):
+    """'pixels', or the VAE's name (marked when it is untrained)."""
+    if projection.is_pixels:
+        return "pixels"
+    return f"{projection.name} latents" + ("" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)")
+
+
+class SampleGridWriter:
+    """OUT/grid_{name}.png for a diffusion objective: 16 DDIM samples (50 steps, eta 0) from the same starting
+    noise at every grid, so the grids of a run show its progress. Their generator is their own: resume stays exact."""
+
+    def __init__(self, model, projection, config, count=16, steps=50):
+        self.model, self.projection, self.config, self.count, self.steps = model, projection, config, count, steps
+
+    def __call__(self, name, step):
+        from relatives import diffusion
+        device = next(self.model.parameters()).device
+        generator = step_generator(self.config["seed"], -1, device=device)
+        images = diffusion.sample_images(self.model, self.projection, self.count, self.steps, 0.0, generator, device)
+        config = self.config
+        title = f"{config['objective']} on {space_name(self.projection)}, {config['dataset']}: step {step:,} of " \
+                f"{config['steps']:,}"
+        return save_sample_grid(images, os.path.join(config["out"], f"grid_{name}.png"), title,
+                                f"{self.count} DDIM samples ({self.steps} steps, eta 0), the same starting noise at "
+                                "every step")
+
+
+def grid_writer(model, projection, config):
+    """The run's grid: reconstructions of masked images (LMD), or generated samples (the diffusion objectives)."""
+    if config.get("objective", "lmd") == "lmd":
+        return GridWriter(model, projection, config)
+    return SampleGridWriter(model, projection, config)
+
+
 class GridWriter:
     """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9).
 
@@ -184,16 +239,24 @@ def plot_curves(metrics_path, path):
     if os.path.exists(summary_path) and steps:
         with open(summary_path) as file:
             summary = json.load(file)
-        if summary.get("step") == steps[-1] and (not held_out or held_out[-1][0] != steps[-1]):
-            held_out.append((summary["step"], summary["held_out_loss_at_0_75"]))
+        final = summary.get("held_out_loss_at_0_75", summary.get("held_out_eps_loss"))
+        if summary.get("step") == steps[-1] and final is not None and (not held_out or held_out[-1][0] != steps[-1]):
+            held_out.append((summary["step"], final))
+    # A diffusion objective's loss is the eps-MSE; its held-out loss is measured at its own (fixed) ratio.
+    diffusion, config_path = False, os.path.join(os.path.dirname(metrics_path), "config.json")
+    if os.path.exists(config_path):
+        with open(config_path) as file:
+            diffusion = json.load(file).get("objective", "lmd") != "lmd"
+    what, held_out_label = ("eps loss", "held-out (validation)") if diffusion else \
+        ("masked-token loss", "held-out (validation, at ratio 0.75)")
     figure = Figure(figsize=(10, 3.6), layout="constrained")
     loss_axes, ratio_axes = figure.subplots(1, 2)
     # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as the
     # ratio rises, so compare runs (and steps) by the held-out loss at a fixed 0.75, not by the training curve.
     loss_axes.plot(steps, [record["loss"] for record in records], label="training (at the current mask ratio)")
     if held_out:
-        loss_axes.plot(*zip(*held_out), "o-", color="tab:red", label="held-out (validation, at ratio 0.75)")
-    loss_axes.set(xlabel="step", ylabel="masked-token loss", title="masked-token loss")
+        loss_axes.plot(*zip(*held_out), "o-", color="tab:red", label=held_out_label)
+    loss_axes.set(xlabel="step", ylabel=what, title=what)
     loss_axes.legend()
     ratio_axes.plot(steps, [record["mask_ratio"] for record in records], color="tab:orange")
     ratio_axes.set(xlabel="step", ylabel="mask ratio", title="mask ratio", ylim=(0, 1))

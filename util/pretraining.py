@@ -44,10 +44,13 @@ def start_run_directory(config, model, dist, start_step):
     with open(os.path.join(config["out"], "config.json"), "w") as file:
         json.dump(config, file, indent=2)
     keep_metrics_before(os.path.join(config["out"], "metrics.jsonl"), start_step)
-    print(f"LMD: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x{model.patch_size}x"
-          f"{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
-          f"{config['scheduler']} schedule, {dist.world_size} process(es) on {dist.device}, "
-          f"from step {start_step}", file=sys.stderr)
+    objective = config.get("objective", "lmd")
+    masking = dict(lmd=f"{config['scheduler']} schedule", ddpm="no mask, cosine betas, T = 1000",
+                   maskdm=f"{config['mask_ratio']} of {config.get('block_size')}x{config.get('block_size')} blocks "
+                          "masked, cosine betas, T = 1000").get(objective, objective)
+    print(f"{objective.upper()}: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x"
+          f"{model.patch_size}x{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+          f"{masking}, {dist.world_size} process(es) on {dist.device}, from step {start_step}", file=sys.stderr)
 
 
 def keep_metrics_before(path, step):

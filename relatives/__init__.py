@@ -1,0 +1,54 @@
+"""LMD's relatives: masked diffusion models built from lmd.py's parts, one file per method.
+
+    diffusion   what they share: the noise schedule (diffusers' DDPMScheduler), time conditioning (adaLN-Zero),
+                the time-conditioned ViT (lmd.MaskedLatentViT with adaLN-Zero blocks) and the DDIM sampler
+    ddpm        plain diffusion: the masked ViT with no mask, predicting the noise (train.py --objective ddpm)
+    maskdm      MaskDM stage 1: block masks, the noise of the visible tokens only (train.py --objective maskdm);
+                stage 2 is ddpm fine-tuning (train.py --objective ddpm --init RUN)
+
+LMD itself (lmd.py) keeps masking and drops the noise. Every model here has train.py's training call,
+model(latents, mask_ratio, normalize_targets, generator=...) -> (loss, predictions, mask), and draws its times and
+noise from the step's generator, so that a resumed run is bit-identical to an uninterrupted one.
+"""
+
+import lmd
+from relatives import ddpm
+from relatives import maskdm
+
+OBJECTIVES = ("lmd", "ddpm", "maskdm")
+GENERATIVE = ("ddpm", "maskdm")          # the objectives whose models predict noise: sample.py can sample them
+LMD_HELD_OUT_RATIO = 0.75               # LMD's held-out loss is measured at MAE's ratio, whatever the schedule
+
+
+def build_model(config, grid, channels):
+    """The model of a run config (objective, model, patch_size, block_size) on a grid x grid x channels latent."""
+    objective = config.get("objective", "lmd")   # runs from before the relatives existed are LMD runs
+    size, patch = config["model"], config["patch_size"]
+    if objective == "lmd":
+        return lmd.MaskedLatentViT(size, grid, patch, channels)
+    if objective == "ddpm":
+        return ddpm.DDPM(size, grid, patch, channels)
+    if objective == "maskdm":
+        return maskdm.MaskDM(size, grid, patch, channels, block_size=config["block_size"])
+    raise lmd.ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+
+
+def mask_schedule(config):
+    """The mask ratio as a function of training progress: LMD's curriculum, MaskDM's fixed ratio, 0 for ddpm."""
+    objective = config.get("objective", "lmd")
+    if objective == "lmd":
+        return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"],
+                                config["mask_plateau"], config["ramp_fraction"], config["mask_ratio"])
+    if objective == "maskdm":
+        if not 0 < config["mask_ratio"] < 1:
+            raise lmd.ConfigError(f"mask ratio {config['mask_ratio']} must lie strictly between 0 and 1")
+        return lambda progress: config["mask_ratio"]
+    return lambda progress: 0.0
+
+
+def held_out_mask_ratio(config):
+    """The ratio of the held-out loss: 0.75 for LMD (runs with different schedules compare), the objective's own
+    ratio for the others (their loss is an eps-MSE at that ratio)."""
+    if config.get("objective", "lmd") == "lmd":
+        return LMD_HELD_OUT_RATIO
+    return mask_schedule(config)(1.0)
