@@ -2,7 +2,7 @@
 Execute docs/walkthrough.ipynb top to bottom in a fresh python3 kernel and save it with its outputs.
 
     python tools/run_notebook.py                  # its saved settings (minutes); the outputs are saved in place
-    python tools/run_notebook.py --tiny --out /tmp/walkthrough.ipynb   # LMD_NOTEBOOK_TINY=1: seconds, numbers mean nothing
+    python tools/run_notebook.py --tiny --out /tmp/tiny.ipynb   # LMD_NOTEBOOK_TINY=1: seconds; numbers mean nothing
 
 So the pictures saved in the notebook always come from the current code. Prints one line per cell (its first
 line and its time); any error cell stops the run with a one-line message and exit status 2, and nothing is saved.
@@ -11,6 +11,7 @@ The kernel runs in the notebook's own folder, as `jupyter notebook` would run it
 
 import argparse
 import os
+import re
 import sys
 import time
 
@@ -62,8 +63,9 @@ def execute(path, tiny=False, cell_timeout=600, kernel="python3", progress=print
         progress(f"cell {number}/{len(code_cells)} done in {time.time() - cell_started[cell_index]:5.1f} s "
                  f"(total {time.time() - started:5.0f} s): {first[:70]}")
 
-    # The kernel inherits this environment: the settings cell reads the tiny switch from it.
-    environment = dict(os.environ, **{TINY_VARIABLE: "1" if tiny else "0"})
+    # The kernel inherits this environment: the settings cell reads the tiny switch from it. Progress bars are off:
+    # in a saved notebook each of their updates would be a line (this tool prints a line per cell instead).
+    environment = dict(os.environ, **{TINY_VARIABLE: "1" if tiny else "0", "TQDM_DISABLE": "1"})
     client = NotebookClient(notebook, timeout=cell_timeout, kernel_name=kernel, allow_errors=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
                             on_cell_start=on_start, on_cell_executed=on_executed)
@@ -73,9 +75,29 @@ def execute(path, tiny=False, cell_timeout=600, kernel="python3", progress=print
         raise UserError(f"no Jupyter kernel named {kernel!r}; pip install -r requirements.txt (ipykernel "
                         "provides python3)") from None
     except CellExecutionError as error:
-        lines = [line for line in str(error).strip().splitlines() if line.strip()]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))   # IPython colours its tracebacks
+        lines = [line for line in text.strip().splitlines() if line.strip()]
         raise UserError(f"a cell of {path} failed: {lines[-1] if lines else error}") from None
-    return notebook, time.time() - started
+    return collapse_progress(notebook), time.time() - started
+
+
+def collapse_progress(notebook):
+    """Merge each cell's consecutive outputs on the same stream and keep of every line what a terminal shows: the
+    text after its last carriage return. A progress bar's hundred updates become its final state."""
+    for cell in notebook.cells:
+        merged = []
+        for output in cell.get("outputs", []):
+            if merged and output.output_type == "stream" and merged[-1].output_type == "stream" \
+                    and merged[-1].name == output.name:
+                merged[-1].text += output.text
+            else:
+                merged.append(output)
+        for output in merged:
+            if output.output_type == "stream":
+                output.text = "\n".join(line.rstrip("\r").split("\r")[-1] for line in output.text.split("\n"))
+        if "outputs" in cell:
+            cell.outputs = merged
+    return notebook
 
 
 def image_outputs(notebook):
