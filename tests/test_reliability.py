@@ -103,11 +103,12 @@ cli.run_cli(lambda: train.main({argv!r}))
 
 def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
     """SLURM signals every process of the job, the loader workers too (--no-cache, --num-workers 2): they must
-    outlive the signal, so that the training process saves at the end of its step and exits cleanly."""
+    outlive the signal, so that the training process saves at the end of its step and exits cleanly. (In pixels:
+    the workers are those of any --no-cache run, and no VAE library is imported.)"""
     make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
     argv = tiny_flags(str(tmp_path / "data"), str(out), dataset="imagefolder", image_size=32, steps=6, batch_size=8,
-                      save_every=100, num_workers=2) + ["--no-cache"]
+                      save_every=100, num_workers=2, vae="none") + ["--no-cache"]
     process = subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_SIGNAL_AT_STEP_2.format(root=ROOT, argv=argv)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)   # its own process group: the test runner is not signalled
