@@ -268,7 +268,7 @@ def _load_judge(config, device, settings):
     net, val_accuracy = train_judge(train, val, settings, device)
     record = dict(provenance=provenance, classes=val["classes"], val_accuracy=val_accuracy,
                   train_images=len(train["images"]), val_images=len(val["images"]),
-                  train_seconds=round(time.perf_counter() - start, 1), references={})
+                  train_seconds=round(time.perf_counter() - start, 1), trained_on=str(device), references={})
     judge = Judge(net, record, val, path, True, config)
     record["ceiling"] = compare(judge, val["blurred"])
     judge.save()
@@ -308,7 +308,7 @@ def compare(judge, images):
             metric.update(chunk.to(device), real=True)
         for chunk in images.split(BATCH):
             metric.update(chunk.to(device).float().clamp(0, 1), real=False)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[]):   # torchmetrics draws the subsets on the CPU
         torch.manual_seed(judge.record["provenance"]["settings"]["seed"])
         kid_mean, kid_std = kid.compute()
     return dict(fd=round(fid.compute().item(), 4), kid_mean=round(kid_mean.item(), 6), kid_std=round(kid_std.item(), 6),
