@@ -38,9 +38,11 @@ from util.datasets import DEFAULT_IMAGE_SIZE, ImageDataset, load_image_source
 # ----------------------------------------------------------------------------------------------------------------
 JUDGE_VERSION = 1        # bumped whenever the judge's architecture, training or statistics change: every cache rebuilds
 JUDGE_SIZE = 32          # the judge reads every image resized to 32 x 32 (CIFAR's own size; digits are 8 x 8 inside)
-SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, shift=2, width=16, features=128, seed=0)
+# The judge's training and its statistics (KID's subset count: torchmetrics' default); all part of its provenance.
+SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, shift=2, width=16, features=128, seed=0,
+                kid_subsets=100)
 BLUR_SIGMA_AT_32 = 2.0   # the ceiling's Gaussian blur, in pixels at 32 px; scaled with the image size
-KID_SUBSETS, KID_MAX_SUBSET = 100, 1000   # torchmetrics' defaults; the subset shrinks to the smaller set (see kid)
+KID_MAX_SUBSET = 1000    # torchmetrics' default subset size; it shrinks to the smaller set (see compare)
 PRESENT_FRACTION = 0.01  # a class is "present" among the samples when the judge gives it at least 1% of them
 BATCH = 256              # images per judge call when extracting features
 CPU_THREADS = 1          # see one_thread
@@ -108,7 +110,8 @@ def one_thread(device):
 
     Why: its batches are small (64 images of 32 px), so a second thread gains little on an idle machine, while on
     a busy one threads that wait on each other made training 10x slower (340 s against 21 s for digits, measured
-    on a shared, busy 2-core CPU); and a fixed thread count makes the cached judge the same bits on any CPU.
+    on a shared, busy 2-core CPU); and with a fixed thread count the cached judge is the same bits whatever thread
+    setting the caller runs with.
     """
     before = torch.get_num_threads()
     if device.type == "cpu":
@@ -292,6 +295,7 @@ def compare(judge, images):
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
     device = next(judge.net.parameters()).device
+    settings = judge.record["provenance"]["settings"]
     real = judge.val["images"]
     subset = min(KID_MAX_SUBSET, len(images), len(real))
     if subset < 2:
@@ -301,7 +305,7 @@ def compare(judge, images):
     with warnings.catch_warnings():   # KID warns that it keeps every feature: a few hundred 128-value rows here
         warnings.simplefilter("ignore", UserWarning)
         fid = FrechetInceptionDistance(feature=extractor, normalize=True).to(device)
-        kid = KernelInceptionDistance(feature=extractor, subsets=KID_SUBSETS, subset_size=subset,
+        kid = KernelInceptionDistance(feature=extractor, subsets=settings["kid_subsets"], subset_size=subset,
                                       normalize=True).to(device)
     for metric in (fid, kid):
         for chunk in real.split(BATCH):
@@ -309,7 +313,7 @@ def compare(judge, images):
         for chunk in images.split(BATCH):
             metric.update(chunk.to(device).float().clamp(0, 1), real=False)
     with torch.random.fork_rng(devices=[]):   # torchmetrics draws the subsets on the CPU
-        torch.manual_seed(judge.record["provenance"]["settings"]["seed"])
+        torch.manual_seed(settings["seed"])
         kid_mean, kid_std = kid.compute()
     return dict(fd=round(fid.compute().item(), 4), kid_mean=round(kid_mean.item(), 6), kid_std=round(kid_std.item(), 6),
                 images=len(images), reference_images=len(real), kid_subset_size=subset)
@@ -365,6 +369,9 @@ def evaluate_generation(samples, config, device, settings=None):
         raise UserError(f"the judge expects samples [N, 3, {image_size}, {image_size}] (the run's image size), "
                         f"got {list(samples.shape)}")
     samples, device = samples.detach().float().cpu(), torch.device(device)
+    if samples.numel() and samples.min() < -0.5:   # values a little outside [0, 1] are clamped; [-1, 1] is a bug
+        raise UserError(f"the judge expects samples in [0, 1], got values down to {samples.min():.2f}; map "
+                        "[-1, 1] images to [0, 1] with (x + 1) / 2 first")
     with one_thread(device):
         judge = load_judge(config, device, settings)
         measured = compare(judge, samples)
@@ -391,7 +398,8 @@ def evaluate_generation(samples, config, device, settings=None):
 
 
 def read_folder(folder, image_size):
-    """Every PNG in `folder` (sorted by name), as [N, 3, image_size, image_size] in [0, 1]; other sizes resized."""
+    """Every PNG in `folder` (sorted by name), as [N, 3, image_size, image_size] in [0, 1]; other sizes resized.
+    The folder must hold the samples only, one per file: a grid picture there would be judged as a sample."""
     from PIL import Image
     from torchvision.transforms.functional import to_tensor
     if not os.path.isdir(folder):
