@@ -34,6 +34,7 @@ def test_real_images_score_near_the_floor_and_far_below_noise(digits):
     result = evaluate(digits, digits["train"][-500:])   # real, though not the floor's random 500
     assert result["num_images"] == 500 and result["references"]["floor"]["images"] == 500
     assert result["references"]["floor"]["reference_images"] == 360   # the digits' whole validation split
+    assert result["references"]["ceiling"]["images"] == 360            # all of it blurred: fewer than 500
     assert result["judge_val_accuracy"] > 0.9
     assert abs(result["fd_normalised"]) < 0.1
     assert result["floor"] < result["ceiling"] < result["noise_fd"]
@@ -68,7 +69,9 @@ def test_the_cached_judge_is_reused(digits):
     second = judge.load_judge(digits["config"], "cpu", settings=FAST)
     assert not second.trained and os.path.exists(judge.judge_file(digits["config"]))
     assert all(torch.equal(a, b) for a, b in zip(first.net.state_dict().values(), second.net.state_dict().values()))
-    assert second.record["ceiling"] == first.record["ceiling"]
+    evaluate(digits, digits["val"][:50])   # measures and caches the references for 50 images
+    third = judge.load_judge(digits["config"], "cpu", settings=FAST)
+    assert not third.trained and third.record["references"]["50"]["ceiling"]["images"] == 50
 
 
 def test_a_changed_provenance_retrains_and_training_is_deterministic(tmp_path, capfd):

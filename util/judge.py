@@ -36,7 +36,7 @@ from util.cli import UserError
 from util.datasets import DEFAULT_IMAGE_SIZE, ImageDataset, load_image_source
 
 # ----------------------------------------------------------------------------------------------------------------
-JUDGE_VERSION = 1        # bumped whenever the judge's architecture, training or statistics change: every cache rebuilds
+JUDGE_VERSION = 2        # bumped whenever the judge's architecture, training or statistics change: every cache rebuilds
 JUDGE_SIZE = 32          # the judge reads every image resized to 32 x 32 (CIFAR's own size; digits are 8 x 8 inside)
 # The judge's training and its statistics (KID's subset count: torchmetrics' default); all part of its provenance.
 SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, shift=2, width=16, features=128, seed=0,
@@ -249,8 +249,8 @@ def open_judge(path, provenance, device):
 
 
 def load_judge(config, device, settings=None):
-    """The judge of `config`'s dataset and image size, from its cache, or trained and cached now (with its
-    ceiling). settings: overrides of SETTINGS (part of the provenance). -> Judge."""
+    """The judge of `config`'s dataset and image size, from its cache, or trained and cached now.
+    settings: overrides of SETTINGS (part of the provenance). -> Judge."""
     device = torch.device(device)
     with one_thread(device):
         return _load_judge(config, device, dict(SETTINGS, **(settings or {})))
@@ -264,7 +264,7 @@ def _load_judge(config, device, settings):
     if cached is not None:
         record, net = cached
         return Judge(net, record, load_split(config, val_source), path, False, config)
-    val, train = load_split(config, val_source, blurred=True), load_split(config, train_source)
+    val, train = load_split(config, val_source), load_split(config, train_source)
     print(f"training the judge of {config['dataset']} at {image_size_of(config)} px on {len(train['images'])} "
           f"images; cached in {path}", file=sys.stderr)
     start = time.perf_counter()
@@ -273,7 +273,6 @@ def _load_judge(config, device, settings):
                   train_images=len(train["images"]), val_images=len(val["images"]),
                   train_seconds=round(time.perf_counter() - start, 1), trained_on=str(device), references={})
     judge = Judge(net, record, val, path, True, config)
-    record["ceiling"] = compare(judge, val["blurred"])
     judge.save()
     return judge
 
@@ -320,22 +319,25 @@ def compare(judge, images):
 
 
 def references(judge, count):
-    """The floor and the noise reference for `count` samples, cached in the judge's file after the first call.
+    """The floor, ceiling and noise references for `count` samples, cached in the judge's file after the first call.
 
-    floor: `count` real training images (a seeded random subset; all of them when the split has fewer) against
-    the validation split: FD is biased by the number of images, so the floor is measured with as many as the
-    samples. noise: `count` images of uniform noise in [0, 1] (each pixel and channel) at the image size.
+    FD is biased by the number of images (on digits the floor is about 50 at 40 images and 8 at 500), so every
+    reference is measured with as many images as the samples, where the data has them:
+    - floor: `count` real training images (a seeded random subset; all of them when the split has fewer);
+    - ceiling: the validation images blurred, all of them, or a seeded subset of `count` when there are more;
+    - noise: `count` images of uniform noise in [0, 1] (each pixel and channel) at the image size.
+    Each against the whole validation split.
     """
     key = str(count)
     if key not in judge.record["references"]:
-        seed = judge.record["provenance"]["settings"]["seed"]
-        generator = torch.Generator().manual_seed(seed)
-        train = open_source(judge.config, "train")
-        chosen = torch.randperm(len(train), generator=generator)[:count]
-        floor_images = load_split(judge.config, train, indices=chosen)["images"]
-        size = image_size_of(judge.config)
+        config, generator = judge.config, torch.Generator().manual_seed(judge.record["provenance"]["settings"]["seed"])
+        train, val = open_source(config, "train"), open_source(config, "val")
+        floor = load_split(config, train, indices=torch.randperm(len(train), generator=generator)[:count])["images"]
+        blurred = load_split(config, val, blurred=True, indices=torch.randperm(len(val), generator=generator)[:count])
+        size = image_size_of(config)
         noise = torch.rand(count, 3, size, size, generator=generator)
-        judge.record["references"][key] = dict(floor=compare(judge, floor_images), noise=compare(judge, noise))
+        judge.record["references"][key] = dict(floor=compare(judge, floor), ceiling=compare(judge, blurred["blurred"]),
+                                               noise=compare(judge, noise))
         judge.save()
     return judge.record["references"][key]
 
@@ -377,8 +379,7 @@ def evaluate_generation(samples, config, device, settings=None):
         measured = compare(judge, samples)
         reference = references(judge, len(samples))
         histogram = class_histogram(judge, samples)
-    ceiling = judge.record["ceiling"]
-    floor, top = reference["floor"]["fd"], ceiling["fd"]
+    floor, top = reference["floor"]["fd"], reference["ceiling"]["fd"]
     return dict(
         num_images=len(samples), dataset=config["dataset"], image_size=image_size,
         fd=measured["fd"], kid_mean=measured["kid_mean"], kid_std=measured["kid_std"],
@@ -386,14 +387,14 @@ def evaluate_generation(samples, config, device, settings=None):
         noise_fd=reference["noise"]["fd"],
         **histogram,
         judge_val_accuracy=round(judge.record["val_accuracy"], 4),
-        references=dict(samples=measured, floor=reference["floor"], ceiling=ceiling, noise=reference["noise"]),
+        references=dict(samples=measured, **reference),
         judge=dict(path=judge.path, val_accuracy=judge.record["val_accuracy"], val_images=judge.record["val_images"],
                    train_images=judge.record["train_images"], train_seconds=judge.record["train_seconds"],
                    features=judge.net.num_features, judge_size=JUDGE_SIZE, version=JUDGE_VERSION),
         notes=("FD and KID on the judge's penultimate features against the real validation split "
                f"({judge.record['val_images']} images); floor: as many real training images as samples (or all); "
-               f"ceiling: the validation images blurred (sigma {BLUR_SIGMA_AT_32} px at 32 px); noise: uniform "
-               f"noise; a class is present with at least {PRESENT_FRACTION:.0%} of the samples"),
+               f"ceiling: as many validation images (or all) blurred (sigma {BLUR_SIGMA_AT_32} px at 32 px); "
+               f"noise: uniform noise; a class is present with at least {PRESENT_FRACTION:.0%} of the samples"),
     )
 
 
