@@ -16,8 +16,10 @@ Every number comes with its calibration from the same judge, against the same re
 
 The judge lives in DATA_DIR/lmd_judges/<dataset>-<size>px.pt with its provenance (dataset, image size, the splits'
 provenance, the training settings), its validation accuracy and the reference statistics; it is retrained when
-any of them changes. The digits' validation split has only 360 images, so its FD is a few-hundred-image estimate:
-compare numbers measured with the same number of samples (the floor is measured with as many as the samples).
+any of them changes. FD is biased by the number of images, so the references are measured with as many images as
+the samples (where the data has them; see references). The digits' validation split has only 360 images, so its
+FD is a few-hundred-image estimate: compare numbers measured with the same number of samples. docs/generation.md
+has the measured references on digits.
 """
 
 import contextlib
