@@ -3,7 +3,15 @@
 import os
 import sys
 
-import pytest
+# One intra-op thread, here and in every subprocess a test starts (set before torch is imported): the tests run tiny
+# models, which a second thread barely speeds up, and on a busy 2-core CPU two spinning threads per process thrash
+# (measured: a 100-step digits run took 71 s with one thread, 590 s with two, beside other jobs).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

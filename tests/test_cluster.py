@@ -18,6 +18,7 @@ from util import devices
 from util import latent_cache
 from util import pretraining
 from util import sampling
+import train
 from conftest import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -153,9 +154,11 @@ say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
 """
 
 
-def test_torchrun_ranks_download_in_turn_and_agree_on_a_non_finite_loss_and_a_stop(tmp_path, data_dir):
+def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_and_one_process_resumes(
+        tmp_path, data_dir):
     result = torchrun(RANKS_AGREE.format(root=ROOT, out=str(tmp_path), data=data_dir), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("LMD: tiny model") == 1 and "2 process(es)" in result.stderr   # rank 0 alone speaks
     said = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
     for lines in said:
         assert lines[0] == "saw the download: True"                          # rank 1 ran after rank 0 finished
@@ -166,6 +169,8 @@ def test_torchrun_ranks_download_in_turn_and_agree_on_a_non_finite_loss_and_a_st
     assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 2  # the last good weights
     assert said[0][4] == said[1][4] == "stop: step [4], 1 all-reduce"     # both stopped at the agreed step
     assert checkpoints.load_checkpoint(str(tmp_path / "stop"))["step"] == 4
+    train.main(["--resume", str(tmp_path / "run")])                          # two processes' run, resumed on one
+    assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 6
 
 
 def test_resuming_a_checkpoint_of_eight_gpus_restores_the_saver_state_on_one(monkeypatch):
@@ -185,7 +190,8 @@ def test_resuming_a_checkpoint_of_eight_gpus_restores_the_saver_state_on_one(mon
 
 def test_sigterms_only_request_the_save_and_a_second_ctrl_c_aborts():
     """SLURM and torchrun deliver two SIGTERMs to each process: neither may abort the save. Only the user's second
-    Ctrl-C does."""
+    Ctrl-C does. Afterwards the previous handlers are back."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     with pretraining.StopRequest() as stop:
         for number in (signal.SIGTERM, signal.SIGTERM, signal.SIGINT):
             os.kill(os.getpid(), number)
@@ -194,6 +200,7 @@ def test_sigterms_only_request_the_save_and_a_second_ctrl_c_aborts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.05)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_the_data_order_is_computed_once_per_epoch_and_unchanged():

@@ -23,17 +23,8 @@ GRID_SIZE = (pictures.GRID_LABEL_WIDTH + 2 * (8 * IMAGE_SIZE + 9 * 2),
              pictures.GRID_TITLE_HEIGHT + 2 * (5 * IMAGE_SIZE + 6 * 2))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads per process thrash (measured: 10 s vs 76 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, one_thread):
+def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     out = str(root / "run")
     train.main(["--dataset", "synthetic", "--synthetic-size", "80", "--vae", "tiny", "--model", "tiny",
@@ -48,6 +39,16 @@ def png_size(path):
         return image.size
 
 
+def drawn(monkeypatch, draw):
+    """The matplotlib Figure that draw() saves (savefig still writes the file), to read what is on it."""
+    from matplotlib.figure import Figure
+    figures, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *args, **kwargs: figures.append(self) or save(self, *args,
+                                                                                                       **kwargs))
+    draw()
+    return figures[-1]
+
+
 def sha1(path):
     with open(path, "rb") as file:
         return hashlib.sha1(file.read()).hexdigest()
@@ -56,7 +57,21 @@ def sha1(path):
 def test_a_40_step_run_leaves_grids_and_curves(run):
     for name in ("grid_step000020.png", "grid_step000040.png", "grid_final.png"):
         assert png_size(os.path.join(run, name)) == GRID_SIZE, name
-    assert png_size(os.path.join(run, "curves.png"))[0] > 300
+    png_size(os.path.join(run, "curves.png"))
+
+
+def test_the_curves_show_the_logged_losses_and_mask_ratios(run, monkeypatch, tmp_path):
+    metrics = os.path.join(run, "metrics.jsonl")
+    figure = drawn(monkeypatch, lambda: pictures.plot_curves(metrics, str(tmp_path / "curves.png")))
+    records = pictures.read_metrics(metrics)
+    loss_axes, ratio_axes = figure.axes
+    training, held_out = loss_axes.lines
+    assert list(training.get_xdata()) == [r["step"] for r in records] == list(range(5, 41, 5))
+    assert list(training.get_ydata()) == [r["loss"] for r in records]
+    assert list(held_out.get_xdata()) == [20, 40]
+    assert list(held_out.get_ydata()) == [r["held_out_loss"] for r in records if "held_out_loss" in r]
+    ratios = list(ratio_axes.lines[0].get_ydata())
+    assert ratios == [r["mask_ratio"] for r in records] and ratios == sorted(ratios)   # the cosine schedule rises
 
 
 def test_the_held_out_loss_is_logged_at_every_grid(run):
@@ -162,9 +177,19 @@ def test_token_mask_covers_patch_times_vae_factor_pixels():
     assert pixels[0, 0, :16, :16].all() and not pixels[0, 0, :16, 16:].any() and pixels[0, 0, 16:, 16:].all()
 
 
-def test_schedules_figure(tmp_path):
-    path = pictures.plot_schedules(str(tmp_path / "schedules.png"))
-    assert png_size(path)[0] > 300
+def test_the_schedules_figure_draws_each_schedule_and_the_end_of_the_ramp(tmp_path, monkeypatch):
+    figure = drawn(monkeypatch, lambda: pictures.plot_schedules(str(tmp_path / "schedules.png"), ramp=0.5))
+    png_size(tmp_path / "schedules.png")
+    (axes,) = figure.axes
+    curves = {line.get_label(): line for line in axes.lines if not line.get_label().startswith("_")}
+    assert list(curves) == list(lmd.SCHEDULERS)
+    for name, line in curves.items():
+        schedule = lmd.MaskSchedule(name, ramp=0.5)
+        assert list(line.get_ydata()) == [schedule(p) for p in line.get_xdata()], name
+    linear = dict(zip(curves["linear"].get_xdata(), curves["linear"].get_ydata()))
+    assert linear[0.0] == pytest.approx(0.15) and linear[0.5] == pytest.approx(0.75) and linear[1.0] == 0.75
+    (ramp_end,) = [line for line in axes.lines if line.get_label().startswith("_")]
+    assert list(ramp_end.get_xdata()) == [0.5, 0.5]
 
 
 def test_ablation_table_from_results():

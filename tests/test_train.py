@@ -17,16 +17,11 @@ import train
 from conftest import ROOT, tiny_flags
 
 
-def run_script(*argv, timeout=120, **env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env})
-
-
-def test_train_script_writes_metrics_config_and_checkpoint(tmp_path, data_dir):
+def test_a_run_writes_metrics_config_and_checkpoint(tmp_path, data_dir, capsys):
+    """In-process (test_reliability.py runs `python train.py` as a script, under SIGINT)."""
     out = tmp_path / "run"
-    result = run_script(*tiny_flags(data_dir, str(out), steps=6))
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "UNTRAINED" in result.stderr                       # the random VAE is announced as such
+    train.main(tiny_flags(data_dir, str(out), steps=6))
+    assert "UNTRAINED" in capsys.readouterr().err             # the random VAE is announced as such
     config = json.loads((out / "config.json").read_text())
     assert config["scheduler"] == "cosine" and config["patch_size"] == 2 and config["image_size"] == 64
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -121,9 +116,25 @@ def test_missing_or_empty_image_folder(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+# train.py as `python train.py` runs it, with the Hub probe answering "unreachable": it never downloads, whatever
+# the network, and an empty Hub cache (HF_HOME) so that a cached SD VAE cannot let it go on to fetch CIFAR-10.
+NO_HUB = """
+import sys
+sys.path.insert(0, {root!r})
+from util import cli, vaes
+vaes._hub_reachable = lambda timeout=5.0: False
+import train
+cli.run_cli(lambda: train.main({argv!r}))
+"""
+
+
 def test_offline_default_command_fails_fast_with_a_way_out(tmp_path):
     """With no network the default command must say what it could not download and how to run offline."""
-    result = run_script("--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), timeout=30, HF_HUB_OFFLINE="0")
-    assert result.returncode == 2
-    assert "--dataset synthetic --vae tiny" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    argv = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
+    result = subprocess.run([sys.executable, "-c", NO_HUB.format(root=ROOT, argv=argv)], capture_output=True,
+                            text=True, timeout=120, cwd=ROOT,
+                            env={**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Hugging Face Hub is unreachable" in result.stderr and "--dataset synthetic --vae tiny" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "data").exists()                 # nothing downloaded: not even CIFAR-10

@@ -218,7 +218,10 @@ class ImageDataset(torch.utils.data.Dataset):
             image = image.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                torch.manual_seed(seed)
+                # The CPU generator alone, which the transforms draw from: torch.manual_seed would also reseed every
+                # GPU (unrestored by this fork) and, with CUDA not initialised, formats a stack trace each time
+                # (about 1 ms an image).
+                torch.default_generator.manual_seed(seed)
             return self.transform(image), label
 
 

@@ -204,7 +204,8 @@ def grid_writer(model, projection, config):
 
 
 class GridWriter:
-    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with a fixed seed (see lmd, section 9).
+    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 (lmd.random_masking, section 2 of lmd.py) with
+    the held-out loss's fixed mask seed (reconstruction_rows).
 
     The images are loaded once, on the first grid, not at every one.
     """
