@@ -1,11 +1,13 @@
 """
 The paper's claim on a laptop: LMD against pixel MAE, top-1 against wall-clock time, every cost counted.
 
-    python tools/race.py --dataset digits --minutes 2 --out runs/race            # trains its VAE first
-    python tools/race.py --dataset digits --vae runs/vae --minutes 5 --seeds 3 --out runs/race3
+    python tools/race.py --dataset digits --minutes 6 --pixel-patch 8 --out runs/race     # trains its VAE first
+    python tools/race.py --dataset digits --vae runs/vae-digits --minutes 6 --seeds 3 --probes 4 --pixel-patch 8 \
+        --threads 1 --out runs/race-digits
 
 Three methods, the same encoder size, the same in-memory images and augmentation, the same wall-clock budget:
-    pixel_mae    --vae none, constant 0.75, pixel patch = latent patch x VAE factor / 2 (the paper's 16 px vs 4)
+    pixel_mae    pixels, constant 0.75, patch --pixel-patch (default: latent patch x VAE factor / 2, as the paper's
+                 16 px against 4 latent cells of 8 px)
     lmd          the VAE's latents, cosine schedule, latent patch
     latent_mae   the VAE's latents, constant 0.75 (what the latent space buys, without the curriculum)
 The budget is of training seconds, measured as training proceeds (probes excluded): the mask-ratio and lr
