@@ -1,7 +1,6 @@
 """LMD's relatives (relatives/): adaLN-Zero, the objectives' losses, MaskDM's masks, DDIM, --init, resume, sample.py."""
 
 import json
-import os
 import subprocess
 import sys
 
