@@ -109,7 +109,8 @@ def main(argv=None):
     path = os.path.join(flags.out, "generation.json")
     with open(path, "w") as file:
         json.dump(result, file, indent=2)
-    summary = {key: result[key] for key in ("fd", "floor", "ceiling", "fd_normalised") if key in result}
+    summary = {key: result[key] for key in ("fd", "floor", "ceiling", "fd_normalised", "classes_present",
+                                            "max_class_fraction") if key in result}
     print(f"generation: {json.dumps(summary)}; {path}", file=sys.stderr)
     return result
 

@@ -223,7 +223,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     autocast = devices.autocast_dtype(config["precision"], dist.device)
     checkpoint_path, metrics_path = (os.path.join(config["out"], name) for name in ("checkpoint.pt", "metrics.jsonl"))
     last_step = min(config["steps"], config["stop_after_step"] or config["steps"])
-    bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc="pretraining",
+    bar = tqdm(range(start_step, last_step), initial=start_step, total=config["steps"], desc=config["objective"],
                disable=not dist.is_main, dynamic_ncols=True)
     last_saved, started, unread = start_step, time.time(), []   # unread: this rank's losses not yet on the host
     latents = batches.latents(start_step) if start_step < last_step else None

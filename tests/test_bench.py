@@ -60,6 +60,7 @@ def test_smoke_run_ends_with_one_json_line(capsys, tmp_path):
     assert set(summary["targets"]) == set(bench.TARGETS)
     assert json.loads((tmp_path / "bench.json").read_text())["mode"] == "smoke"
     assert any(line.startswith("a  LMD pretraining") for line in lines)   # the table came first
+    assert set(summary["objective_images_per_second"]) == {"lmd", "ddpm", "maskdm"}   # and every objective
 
 
 def test_nominal_peak_by_device_name():

@@ -14,7 +14,9 @@ What it measures, side by side on one device in one process:
      matmul in the same dtype timed in the same rounds (not the datasheet peak; that ratio is reported too, for
      the GPUs of NOMINAL_BF16_TFLOPS);
   d. peak memory of each step;
-  e. classifier inference images/s: a latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16.
+  e. classifier inference images/s: a latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16;
+  f. each objective's training step (relatives/: ddpm with no mask, MaskDM with 0.75 of its tokens dropped in
+     blocks) beside LMD's at 0.75, the same model on the same cached latents at the CPU-sized setting.
 
 How: a training step is what train.py does (take a batch, forward with the mask ratio, backward, AdamW step).
 Each row runs warm-up iterations, one untimed iteration that counts FLOPs (torch.utils.flop_counter) and, on the
@@ -38,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
 import lmd  # noqa: E402
+import relatives  # noqa: E402
 from util import cli  # noqa: E402
 from util import datasets  # noqa: E402
 from util import devices  # noqa: E402
@@ -289,11 +292,13 @@ class FakeData:
 
 
 class Trainer:
-    """A masked autoencoder and its optimiser, as train.py builds them."""
+    """A masked autoencoder (or a relative's model: `objective`) and its optimiser, as train.py builds them."""
 
-    def __init__(self, setting, channels, downsample, patch, device, compile_model):
+    def __init__(self, setting, channels, downsample, patch, device, compile_model, objective="lmd"):
         grid = datasets.check_geometry(setting["image_size"], downsample, patch)
-        self.model = lmd.MaskedLatentViT(setting["model"], grid, patch, channels).to(device)
+        side = grid // patch   # tokens per side; MaskDM masks 2 x 2 blocks where they fit
+        config = dict(objective=objective, model=setting["model"], patch_size=patch, block_size=2 - side % 2)
+        self.model = relatives.build_model(config, grid, channels).to(device)
         self.geometry = setting
         if compile_model:   # as train.py: each transformer block, in place (the FLOP counter still sees through)
             devices.compile_transformer_blocks(self.model)
@@ -314,7 +319,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def training_row(key, group, label, setting, trainer, get_input, projection, batch, autocast, device, **kw):
+def training_row(key, group, label, setting, trainer, get_input, projection, batch, autocast, device,
+                 mask_ratio=MASK_RATIO, **kw):
     """One iteration = train.py's step: take a batch, encode it if it is images, forward, backward, AdamW."""
     # The masks come from a generator, as in train.py (torch.compile with dynamic shapes also fails on
     # torch.rand(..., generator=None) in lmd.random_masking, so passing one matters there).
@@ -326,7 +332,7 @@ def training_row(key, group, label, setting, trainer, get_input, projection, bat
                 latents = get_input(batch)
                 if projection is not None:          # images -> latents every step, as train.py --no-cache
                     latents = vaes.encode_images(projection, latents, autocast)
-                loss, _, _ = model(latents, MASK_RATIO, generator=generator)
+                loss, _, _ = model(latents, mask_ratio, generator=generator)
             loss.backward()
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)  # here, so no gradient outlives the iteration
@@ -550,7 +556,19 @@ def run_benchmark(args, device, started, load_before):
                   small_data.image_batch, pixels, plan["small"], False, warmup=plan["warmup"], short="pixel MAE"),
             matmul_row("matmul_cpu_sized", f"a, {small['name']}", plan["matmul"], dtype, device)]
     run_group(rows, f"a. {small['name']} setting")
-    del lmd_small, pixel_small, small_data, rows
+    del pixel_small, rows
+
+    # f. Each objective's training step beside LMD's: the same model and cached latents (CPU-sized setting).
+    objectives = dict(ddpm=("ddpm training (no mask, eps)", 0.0), maskdm=("MaskDM stage 1 (0.75 in blocks)", 0.75))
+    rows = [train("objective_lmd", "f", "LMD pretraining (mask 0.75)", lmd_small, small_data.latent_batch, None,
+                  plan["small"], True, warmup=plan["warmup"], short="LMD")]
+    for objective, (label, ratio) in objectives.items():
+        trainer = Trainer(small, 4, 8, small["latent_patch"], device, args.compile, objective)
+        rows.append(train(f"objective_{objective}", "f", label, trainer, small_data.latent_batch, None,
+                          plan["small"], True, mask_ratio=ratio, baseline="objective_lmd", warmup=plan["warmup"]))
+    rows.append(matmul_row("matmul_objectives", "f", plan["matmul"], dtype, device))
+    run_group(rows, "f. each objective's training step")
+    del lmd_small, small_data, rows
     _free(device)
 
     # e. Classifier inference on 224 px images: latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16.
@@ -602,6 +620,8 @@ def report(results, args, device, dtype, flop_check, started, load_before):
         lmd_images_per_second=lmd_row["images_per_second"],
         pixel_mae_images_per_second=pixel_row["images_per_second"],
         peak_memory_mib=dict(lmd=lmd_row["peak_mib"], pixel_mae=pixel_row["peak_mib"]),
+        objective_images_per_second={name: results[f"objective_{name}"]["images_per_second"]
+                                     for name in ("lmd", "ddpm", "maskdm")},
         inference_speedup_sd_vae=results["classify_sd_vae"]["speedup"],
         inference_speedup_taesd=results["classify_taesd"]["speedup"],
         matmul_tflops=results["matmul_paper"]["tflops"],
@@ -626,6 +646,10 @@ def report(results, args, device, dtype, flop_check, started, load_before):
     print(f"\nLMD vs pixel MAE, {setting}: {summary['speedup_vs_pixel_mae']:.2f}x; cached latents vs SD VAE "
           f"every step: {summary['cache_speedup']:.1f}x; MFU of the LMD step: {summary['mfu']:.2f} of "
           f"{summary['mfu_basis']}, {nominal} (counted FLOPs / formula: {flop_check:.3f})")
+    steps = summary["objective_images_per_second"]
+    print(f"training steps of each objective ({small_setting_name(args)}): LMD {steps['lmd']:.1f} images/s, ddpm "
+          f"{steps['ddpm']:.1f} ({steps['ddpm'] / steps['lmd']:.2f}x), MaskDM stage 1 {steps['maskdm']:.1f} "
+          f"({steps['maskdm'] / steps['lmd']:.2f}x)")
     for name, target in summary["targets"].items():
         print(f"  {name} >= {target['target']}: {'met' if target['met'] else 'NOT met'} ({target['measured']:.2f})")
     if device.type == "cpu" and max(load_before[0], load_after[0]) > 1.25 * cores:
@@ -636,6 +660,10 @@ def report(results, args, device, dtype, flop_check, started, load_before):
         with open(args.json_out, "w") as file:
             json.dump(summary, file, indent=2)
     print(json.dumps(summary))
+
+
+def small_setting_name(args):
+    return (SMOKE if args.mode == "smoke" else CPU_SIZED)["name"] + " setting"
 
 
 def _free(device):

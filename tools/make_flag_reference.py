@@ -30,7 +30,7 @@ patch chosen for that grid.
 |---|---|---|---|---|---|---|"""
 
 # Each script at its first path that exists.
-SCRIPTS = [("train.py",), ("finetune.py",), ("tools/bench.py",), ("tools/ablation.py",),
+SCRIPTS = [("train.py",), ("sample.py",), ("finetune.py",), ("tools/bench.py",), ("tools/ablation.py",),
            ("tools/race.py",), ("tools/train_vae.py",)]
 
 
@@ -52,6 +52,9 @@ def rows(module, parser):
         match = re.search(r"\s*\(default: (.*)\)$", text)   # a default already written into the help
         if match:
             text, written = text[:match.start()], match.group(1)
+            if "; " in written:   # objective defaults after LMD's (train.py): "256; ddpm: 64" -> text "(ddpm: 64)"
+                written, others = written.split("; ", 1)
+                text += f" ({others})"
             default = written if default is None else default
         if action.required:
             default = "required"
