@@ -278,6 +278,13 @@ def held_out_loss(projection, config, dist):
     return pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"], ratio)
 
 
+def held_out_words(config):
+    """What the held-out loss is, in words."""
+    if config["objective"] == "lmd":
+        return "held-out masked-token loss at ratio 0.75"
+    return f"held-out eps loss at mask ratio {relatives.held_out_mask_ratio(config)}"
+
+
 def held_out_record(config, loss):
     """{name: value} of the held-out loss for summary.json and eval.json (LMD's name is kept for its readers)."""
     if config["objective"] == "lmd":
@@ -295,7 +302,7 @@ def evaluate(model, projection, config, dist, step):
                   eval_images=config["eval_images"], grid=grid)
     with open(os.path.join(config["out"], "eval.json"), "w") as file:
         json.dump(result, file, indent=2)
-    print(f"step {step}/{config['steps']}: held-out loss = {loss:.4f}; grid: {grid}")
+    print(f"step {step}/{config['steps']}: {held_out_words(config)} = {loss:.4f}; grid: {grid}")
 
 
 def main(argv=None):
@@ -333,7 +340,7 @@ def main(argv=None):
         summary = dict(step=step, **held_out_record(config, loss), minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
-        print(f"done: held-out loss = {loss:.4f} ({', '.join(held_out_record(config, loss))}); "
+        print(f"done: {held_out_words(config)} = {loss:.4f}; "
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
         save_grid("final", step)
     if dist.is_main:  # the curves of every run, finished or stopped

@@ -16,6 +16,7 @@ from relatives import maskdm
 from util import checkpoints
 from util import cli
 from util import datasets
+from util import pictures
 from conftest import ROOT, tiny_flags
 
 
@@ -53,9 +54,9 @@ def test_fresh_diffusion_model_predicts_zero_noise_and_reads_the_time():
 
 @pytest.fixture(scope="module")
 def digits_latents():
-    """32 real training digits at 16 px, as pixels in [-1, 1] (no VAE): [32, 3, 16, 16]."""
-    images, _ = datasets.load_image_tensors("digits", None, "train", 16)
-    return images[:32] * 2 - 1
+    """16 real training digits at 16 px, as pixels in [-1, 1] (no VAE): [16, 3, 16, 16]."""
+    images = datasets.ImageDataset(datasets.load_image_source("digits", None, "train", 16), 16)
+    return torch.stack([images[i][0] for i in range(16)]) * 2 - 1
 
 
 @pytest.mark.parametrize("objective, ratio", [("lmd", 0.75), ("ddpm", 0.0), ("maskdm", 0.75)])
@@ -67,7 +68,7 @@ def test_each_objective_loss_is_finite_and_falls_on_digits(objective, ratio, dig
     measure = lambda: model(digits_latents, ratio, False, generator=torch.Generator().manual_seed(1))[0]  # noqa: E731
     with torch.no_grad():
         before = measure().item()
-    for step in range(12):
+    for step in range(10):
         loss, _, _ = model(digits_latents, ratio, False, generator=torch.Generator().manual_seed(100 + step))
         optimizer.zero_grad()
         loss.backward()
@@ -134,17 +135,38 @@ def test_ddim_samples_are_deterministic_for_a_seed_with_the_right_shape_and_rang
 
 # ----------------------------------------------------------------------------- train.py, --init, resume
 
+@pytest.fixture(scope="module", autouse=True)
+def quick_sample_grids():
+    """A diffusion run's grids sample 4 images in 2 DDIM steps here (50 steps of 16 would be most of a test)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pictures, "SAMPLE_GRID_IMAGES", 4)
+        patch.setattr(pictures, "SAMPLE_GRID_STEPS", 2)
+        yield
+
+
 def diffusion_flags(data_dir, out, **overrides):
     """A few seconds of train.py: synthetic 32 px pixels, patch 8 (16 tokens), the tiny model."""
     return tiny_flags(data_dir, str(out), **{**dict(vae="none", image_size=32, patch_size=8), **overrides})
 
 
+def save_fresh_run(path, objective, data_dir):
+    """A run directory holding the checkpoint of a fresh model, as train.py writes it (no training: cheap)."""
+    config = dict(train.DEFAULTS, **train.OBJECTIVE_DEFAULTS.get(objective, {}),
+                  **dict(objective=objective, model="tiny", vae="none", image_size=32, patch_size=8, steps=2,
+                         dataset="synthetic", data_dir=data_dir, out=str(path)))
+    torch.manual_seed(1)
+    model = checkpoints.build_model(config, lmd.LatentProjection())
+    randomise(model)   # not the init a new run would draw
+    checkpoints.save_run(str(path / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), 2, config,
+                         torch.device("cpu"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """An LMD run, a MaskDM stage 1 and its ddpm stage 2 (--init), 2 steps each."""
+    """An LMD run and a MaskDM stage 1 (saved directly), and a ddpm stage 2 trained by train.py --init (2 steps)."""
     root = tmp_path_factory.mktemp("relatives")
-    train.main(diffusion_flags(data_dir, root / "lmd", steps=2))
-    train.main(diffusion_flags(data_dir, root / "maskdm", steps=2, objective="maskdm"))
+    save_fresh_run(root / "lmd", "lmd", data_dir)
+    save_fresh_run(root / "maskdm", "maskdm", data_dir)
     train.main(diffusion_flags(data_dir, root / "stage2", steps=2, objective="ddpm", init=root / "maskdm"))
     return root
 
@@ -180,15 +202,15 @@ def test_flags_of_another_objective_are_refused_in_one_line(extra, message, tmp_
 
 
 def test_diffusion_resume_is_bit_identical(tmp_path, data_dir):
-    """MaskDM draws times, noise and block masks from the step's generator; a sample grid at step 4 (its own
+    """MaskDM draws times, noise and block masks from the step's generator; a sample grid at step 2 (its own
     generator) must leave them as they were."""
-    flags = dict(objective="maskdm", steps=8, save_every=100, grid_every=4)
+    flags = dict(objective="maskdm", steps=4, save_every=100, grid_every=2)
     train.main(diffusion_flags(data_dir, tmp_path / "straight", **flags))
-    train.main(diffusion_flags(data_dir, tmp_path / "split", stop_after_step=4, **flags))
+    train.main(diffusion_flags(data_dir, tmp_path / "split", stop_after_step=2, **flags))
     train.main(["--resume", str(tmp_path / "split")])
     straight, split = (checkpoints.load_checkpoint(str(tmp_path / name))["model"] for name in ("straight", "split"))
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
-    assert (tmp_path / "split" / "grid_step000004.png").exists()
+    assert (tmp_path / "split" / "grid_step000002.png").exists()
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
     assert summary["held_out_mask_ratio"] == 0.75 and summary["held_out_eps_loss"] > 0
 

@@ -166,12 +166,17 @@ def space_name(projection):
     return f"{projection.name} latents" + ("" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)")
 
 
-class SampleGridWriter:
-    """OUT/grid_{name}.png for a diffusion objective: 16 DDIM samples (50 steps, eta 0) from the same starting
-    noise at every grid, so the grids of a run show its progress. Their generator is their own: resume stays exact."""
+SAMPLE_GRID_IMAGES, SAMPLE_GRID_STEPS = 16, 50   # a diffusion run's grids: this many DDIM samples, of this many steps
 
-    def __init__(self, model, projection, config, count=16, steps=50):
-        self.model, self.projection, self.config, self.count, self.steps = model, projection, config, count, steps
+
+class SampleGridWriter:
+    """OUT/grid_{name}.png for a diffusion objective: SAMPLE_GRID_IMAGES DDIM samples (SAMPLE_GRID_STEPS steps,
+    eta 0) from the same starting noise at every grid, so the grids of a run show its progress. Their generator is
+    their own: resume stays exact."""
+
+    def __init__(self, model, projection, config):
+        self.model, self.projection, self.config = model, projection, config
+        self.count, self.steps = SAMPLE_GRID_IMAGES, SAMPLE_GRID_STEPS
 
     def __call__(self, name, step):
         from relatives import diffusion
