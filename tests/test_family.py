@@ -4,9 +4,12 @@
 import json
 
 import family
+from util import pictures
 
 
-def test_family_end_to_end(tmp_path, data_dir):
+def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
+    monkeypatch.setattr(pictures, "SAMPLE_GRID_IMAGES", 4)   # train.py's sample grids: 4 images, 2 DDIM steps
+    monkeypatch.setattr(pictures, "SAMPLE_GRID_STEPS", 2)
     out, docs = tmp_path / "family", tmp_path / "docs"
     argv = ["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "32", "--vae", "none",
             "--patch-size", "8", "--data-dir", data_dir, "--steps", "2", "--batch-size", "16", "--seeds", "1",

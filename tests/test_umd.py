@@ -13,6 +13,7 @@ import sample
 import train
 from relatives import diffusion
 from util import checkpoints
+from util import pictures
 from conftest import tiny_flags
 
 CONFIG = dict(objective="umd", model="tiny", patch_size=2, clean_share=0.5, clean_mask_ratio=0.75)
@@ -168,12 +169,25 @@ def flags(data_dir, out, **overrides):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
-    """A UMD run, its generation fine-tuning (--init, mask 0, r = 0.05) and a ddpm run, 2 steps each."""
+    """A UMD run and its generation fine-tuning (--init, mask 0, r = 0.05), 2 steps each, and a ddpm run saved
+    directly (a fresh model: no training). Their grids sample 4 images in 2 DDIM steps (50 of 16 would dominate)."""
     root = tmp_path_factory.mktemp("umd")
-    train.main(flags(data_dir, root / "umd", objective="umd"))
-    train.main(flags(data_dir, root / "umd_ft", objective="umd", init=root / "umd", mask_ratio=0.0,
-                     clean_share=0.05))
-    train.main(flags(data_dir, root / "ddpm", objective="ddpm"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pictures, "SAMPLE_GRID_IMAGES", 4)
+        patch.setattr(pictures, "SAMPLE_GRID_STEPS", 2)
+        train.main(flags(data_dir, root / "umd", objective="umd"))
+        train.main(flags(data_dir, root / "umd_ft", objective="umd", init=root / "umd", mask_ratio=0.0,
+                         clean_share=0.05))
+    config = dict(train.DEFAULTS, **train.OBJECTIVE_DEFAULTS["ddpm"], objective="ddpm", model="tiny", vae="none",
+                  image_size=32, patch_size=8, steps=2, dataset="synthetic", synthetic_size=64, data_dir=data_dir,
+                  out=str(root / "ddpm"))
+    torch.manual_seed(1)
+    model = checkpoints.build_model(config, lmd.LatentProjection())
+    with torch.no_grad():   # not the init a new run draws (nor zeros where DiT starts at zero)
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    checkpoints.save_run(str(root / "ddpm" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), 2,
+                         config, torch.device("cpu"))
     return root
 
 
