@@ -7,8 +7,9 @@ What pretraining learned, measured on the same latents: the kNN probe, the linea
 
 knn and linprobe also measure the same probe on the same seed's randomly initialised encoder (`scratch_top1`),
 in the same invocation: on small sets random features are strong, and a pretrained number alone says little.
-The VAE, image size, patch size and model size come from the pretraining checkpoint. Writes OUT/results.json
-(top-1 best and final; reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
+The VAE, image size, patch size and model size come from the pretraining checkpoint, of any objective (a diffusion
+relative's encoder is read at model time 0, no noise, no mask). Writes OUT/results.json (top-1 best and final;
+reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
 """
 
 import argparse
@@ -171,9 +172,11 @@ def throughput(classifier, projection, images, device, autocast, chunk_size=None
 
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe):
-    """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from."""
+    """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The
+    network is the checkpoint's objective's (a relative's encoder reads time 0: relatives/diffusion.py)."""
     torch.manual_seed(checkpoint["config"]["seed"])
-    autoencoder = checkpoints.build_model(config, projection)
+    autoencoder = checkpoints.build_model({**checkpoint["config"], **{key: config[key] for key in GEOMETRY}},
+                                          projection)
     if init == "pretrained":
         checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
     torch.manual_seed(config["seed"])   # the head's initialisation

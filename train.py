@@ -37,7 +37,7 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
-    objective="lmd", init=None, block_size=2,
+    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75,
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
@@ -51,10 +51,12 @@ DEFAULTS = dict(
 OBJECTIVE_DEFAULTS = {
     "ddpm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False),
     "maskdm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False, mask_ratio=0.75),
+    "umd": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False, mask_ratio=0.375),
 }
-# Flags of LMD's masking curriculum, which no diffusion objective reads; and MaskDM's own.
+# Flags of LMD's masking curriculum, which no diffusion objective reads; MaskDM's own; UMD's own.
 LMD_ONLY = {"scheduler", "mask_start", "mask_end", "mask_plateau", "ramp_fraction", "normalize_targets"}
 MASKDM_ONLY = {"block_size"}
+UMD_ONLY = {"clean_share", "clean_mask_ratio"}
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
                     "stop_after_step", "grid_every", "eval_only", "encode_batch_size"}
@@ -76,13 +78,19 @@ def build_parser():
 
     add("--objective", choices=relatives.OBJECTIVES, help="what to train: 'lmd' (the masked autoencoder), 'ddpm' "
         "(diffusion: the same ViT with no mask, eps target, cosine betas, T = 1000), 'maskdm' (MaskDM stage 1: "
-        "block masks, eps loss on the visible tokens only; stage 2 is --objective ddpm --init RUN)")
+        "block masks, eps loss on the visible tokens only; stage 2 is --objective ddpm --init RUN), 'umd' (UMD: "
+        "a clean MAE half and a noised half with eps and x0 heads; generation fine-tuning: --objective umd --init RUN "
+        "--mask-ratio 0 --clean-share 0.05)")
     add("--init", metavar="RUN", help="start from the weights of an earlier run (LMD: its encoder; ddpm or "
                                       "MaskDM: every weight that fits), e.g. --objective ddpm --init MASKDM_RUN")
     add("--block-size", type=int, help="MaskDM: side of the square blocks of tokens that are masked together "
                                        "(1 = single tokens)")
+    add("--clean-share", type=float, help="UMD: r, the share of every batch that is clean (time 0, no noise, "
+                                          "an MAE step) and the clean loss's weight")
+    add("--clean-mask-ratio", type=float, help="UMD: the clean half's mask ratio")
     add("--scheduler", choices=lmd.SCHEDULERS, help="mask-ratio schedule; 'constant' is the MAE baseline")
-    add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant; MaskDM's block-mask ratio")
+    add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant; MaskDM's block-mask ratio; "
+                                       "UMD's noised half's ratio")
     add("--mask-start", type=float, help="mask ratio at the start of the progressive schedules")
     add("--mask-end", type=float, help="mask ratio at the end of the ramp, held afterwards")
     add("--mask-plateau", type=float, help="the middle plateau of --scheduler piecewise")
@@ -155,7 +163,7 @@ def resolve_config(flags, given):
     config = {k: v for k, v in flags.items() if k != "resume"}
     objective = config["objective"]
     not_read = ((LMD_ONLY if objective != "lmd" else set()) | (MASKDM_ONLY if objective != "maskdm" else set())
-                | ({"mask_ratio"} if objective == "ddpm" else set()))
+                | (UMD_ONLY if objective != "umd" else set()) | ({"mask_ratio"} if objective == "ddpm" else set()))
     for flag in sorted(given & not_read):
         raise cli.UserError(f"--{flag.replace('_', '-')} does not apply to --objective {objective}; drop it")
     config["image_size"] = config["image_size"] or datasets.DEFAULT_IMAGE_SIZE[config["dataset"]]

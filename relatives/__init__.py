@@ -5,6 +5,8 @@
     ddpm        plain diffusion: the masked ViT with no mask, predicting the noise (train.py --objective ddpm)
     maskdm      MaskDM stage 1: block masks, the noise of the visible tokens only (train.py --objective maskdm);
                 stage 2 is ddpm fine-tuning (train.py --objective ddpm --init RUN)
+    umd         UMD: a clean half (MAE: time 0, no noise, x0 on the masked tokens) and a noised half (eps on the
+                visible tokens, x0 on the masked ones) of every batch, one model (train.py --objective umd)
 
 LMD itself (lmd.py) keeps masking and drops the noise. Every model here has train.py's training call,
 model(latents, mask_ratio, normalize_targets, generator=...) -> (loss, predictions, mask), and draws its times and
@@ -14,9 +16,10 @@ noise from the step's generator, so that a resumed run is bit-identical to an un
 import lmd
 from relatives import ddpm
 from relatives import maskdm
+from relatives import umd
 
-OBJECTIVES = ("lmd", "ddpm", "maskdm")
-GENERATIVE = ("ddpm", "maskdm")          # the objectives whose models predict noise: sample.py can sample them
+OBJECTIVES = ("lmd", "ddpm", "maskdm", "umd")
+GENERATIVE = ("ddpm", "maskdm", "umd")  # the objectives whose models predict noise: sample.py can sample them
 LMD_HELD_OUT_RATIO = 0.75               # LMD's held-out loss is measured at MAE's ratio, whatever the schedule
 
 
@@ -30,11 +33,15 @@ def build_model(config, grid, channels):
         return ddpm.DDPM(size, grid, patch, channels)
     if objective == "maskdm":
         return maskdm.MaskDM(size, grid, patch, channels, block_size=config["block_size"])
+    if objective == "umd":
+        return umd.UMD(size, grid, patch, channels, clean_share=config["clean_share"],
+                       clean_mask_ratio=config["clean_mask_ratio"])
     raise lmd.ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 
 def mask_schedule(config):
-    """The mask ratio as a function of training progress: LMD's curriculum, MaskDM's fixed ratio, 0 for ddpm."""
+    """The mask ratio as a function of training progress: LMD's curriculum, MaskDM's fixed ratio, UMD's noised
+    half's fixed ratio (0 allowed: generation fine-tuning), 0 for ddpm."""
     objective = config.get("objective", "lmd")
     if objective == "lmd":
         return lmd.MaskSchedule(config["scheduler"], config["mask_start"], config["mask_end"],
@@ -42,6 +49,10 @@ def mask_schedule(config):
     if objective == "maskdm":
         if not 0 < config["mask_ratio"] < 1:
             raise lmd.ConfigError(f"mask ratio {config['mask_ratio']} must lie strictly between 0 and 1")
+        return lambda progress: config["mask_ratio"]
+    if objective == "umd":
+        if not 0 <= config["mask_ratio"] < 1:
+            raise lmd.ConfigError(f"UMD's mask ratio {config['mask_ratio']} must lie in [0, 1)")
         return lambda progress: config["mask_ratio"]
     return lambda progress: 0.0
 

@@ -47,7 +47,9 @@ def start_run_directory(config, model, dist, start_step):
     objective = config.get("objective", "lmd")
     masking = dict(lmd=f"{config['scheduler']} schedule", ddpm="no mask, cosine betas, T = 1000",
                    maskdm=f"{config['mask_ratio']} of {config.get('block_size')}x{config.get('block_size')} blocks "
-                          "masked, cosine betas, T = 1000").get(objective, objective)
+                          "masked, cosine betas, T = 1000",
+                   umd=f"a clean share {config.get('clean_share')} at mask {config.get('clean_mask_ratio')}, the rest "
+                       f"noised at mask {config['mask_ratio']}, cosine betas, T = 1000").get(objective, objective)
     print(f"{objective.upper()}: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x"
           f"{model.patch_size}x{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{masking}, {dist.world_size} process(es) on {dist.device}, from step {start_step}", file=sys.stderr)

@@ -1,0 +1,286 @@
+"""
+LMD's whole family on one dataset, side by side: the same encoder, the same data, the same probes, the same judge.
+
+    python tools/family.py --vae runs/VAE --steps 1500 --seeds 3 --out runs/family --docs docs
+    python tools/family.py --vae none --patch-size 8 --steps 1500 --out runs/family-pixels --docs docs/pixels
+
+The rows (--rows picks some), each trained by train.py with the same step budget (two-stage rows split it in half):
+    mae         --objective lmd --scheduler constant (0.75): the masked autoencoder, no curriculum, no noise
+    lmd         --objective lmd --scheduler cosine: LMD's curriculum
+    maskdm      --objective maskdm (stage 1: block masks, eps on the visible tokens), then ddpm --init (stage 2)
+    umd         --objective umd: a clean half (MAE) and a noised half (eps and x0 heads), one model
+    ddpm        --objective ddpm: plain diffusion from scratch
+    lmd_ddpm    LMD (cosine), then ddpm --init: can LMD's encoder prime a diffusion model?
+    umd_ft      (not run by default) UMD, then its generation fine-tuning: --mask-ratio 0 --clean-share 0.05
+
+Each final model is probed by finetune.py (kNN and the linear probe, each beside the same seed's random init of the
+same network) and, if it can generate, sampled by sample.py (DDIM) and judged by util.judge (fd_normalised: 0 is
+the real data, 1 the blurred data; the classes present among the samples). Training seconds are train.py's own
+clock of its training loop (metrics.jsonl), every stage summed. A step budget rather than a wall-clock one: on a
+shared machine the clock measures the neighbours too; the seconds column shows what each row's steps cost.
+
+Writes OUT/<row>/seed<N>/ (the runs, probes and samples; a finished one is skipped when the tool runs again),
+OUT/results.json, and DOCS/family.md (the table, the command that made it, the machine), DOCS/family.png (kNN
+top-1 against fd_normalised) and DOCS/family_<row>.png (a sample grid per generative row, seed 0).
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable as `python tools/family.py` from anywhere
+
+import torch  # noqa: E402
+
+import finetune  # noqa: E402
+import relatives  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from util import cli, datasets  # noqa: E402
+
+# (objective, extra train.py flags) per stage. The LMD stages use the README's laptop recipe; the diffusion stages
+# train.py's own defaults for their objective (batch 64, base lr 4e-3, no weight decay).
+LMD_RECIPE = dict(base_lr=1.5e-3, normalize_targets=False)
+ROWS = {
+    "mae": [("lmd", dict(LMD_RECIPE, scheduler="constant"))],
+    "lmd": [("lmd", dict(LMD_RECIPE, scheduler="cosine"))],
+    "maskdm": [("maskdm", {}), ("ddpm", {})],
+    "umd": [("umd", {})],
+    "ddpm": [("ddpm", {})],
+    "lmd_ddpm": [("lmd", dict(LMD_RECIPE, scheduler="cosine")), ("ddpm", {})],
+    "umd_ft": [("umd", {}), ("umd", dict(mask_ratio=0.0, clean_share=0.05))],
+}
+LABELS = dict(mae="MAE (constant 0.75)", lmd="LMD (cosine)", maskdm="MaskDM (stage 1, then stage 2)", umd="UMD",
+              ddpm="ddpm from scratch", lmd_ddpm="LMD, then ddpm fine-tuning",
+              umd_ft="UMD, then generation fine-tuning (mask 0, r = 0.05)")
+DEFAULT_ROWS = ("mae", "lmd", "maskdm", "umd", "ddpm", "lmd_ddpm")
+DEFAULTS = dict(dataset="digits", data_dir="./data", vae=None, image_size=None, synthetic_size=None, patch_size=None,
+                model="tiny", batch_size=64,
+                steps=1500, seeds=3, first_seed=0, rows=",".join(DEFAULT_ROWS), linprobe_epochs=90, num_images=500,
+                sampling_steps=50, device="cpu", out="runs/family", docs=None)
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description="MAE, LMD, MaskDM, UMD and diffusion side by side: probes and judge.")
+    parser.add_argument("--vae", required=True, help="a VAE directory (tools/train_vae.py), or 'none' for pixels")
+    parser.add_argument("--dataset", choices=datasets.DATASETS, help="(default: %(default)s)")
+    parser.add_argument("--data-dir", help="dataset root, as for train.py (default: %(default)s)")
+    parser.add_argument("--image-size", type=int, help="as train.py's (default: the dataset's)")
+    parser.add_argument("--synthetic-size", type=int, help="as train.py's, for --dataset synthetic")
+    parser.add_argument("--patch-size", type=int, help="as train.py's (default: train.py's for the image size)")
+    parser.add_argument("--model", help="model size of every row (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, help="batch size of every stage (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every row, split in half by the two-stage "
+                                                  "rows (default: %(default)s)")
+    parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1 per row (default: %(default)s)")
+    parser.add_argument("--first-seed", type=int, help="seeds first_seed .. first_seed + N-1: seeds can run in "
+                                                       "parallel calls, then one call over all reads them all "
+                                                       "(default: %(default)s)")
+    parser.add_argument("--rows", help=f"comma-separated, of {', '.join(ROWS)} (default: %(default)s)")
+    parser.add_argument("--linprobe-epochs", type=int, help="epochs of each linear probe (default: %(default)s)")
+    parser.add_argument("--num-images", type=int, help="samples judged per generative run (default: %(default)s)")
+    parser.add_argument("--sampling-steps", type=int, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
+    parser.add_argument("--out", help="runs directory (default: %(default)s)")
+    parser.add_argument("--docs", help="where family.md and its figures go (default: OUT)")
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def train_argv(args, objective, extra, steps, seed, out, init=None):
+    """train.py's flags for one stage."""
+    flags = dict(objective=objective, dataset=args.dataset, data_dir=args.data_dir, vae=args.vae,
+                 image_size=args.image_size, synthetic_size=args.synthetic_size, patch_size=args.patch_size,
+                 model=args.model, batch_size=args.batch_size, steps=steps, seed=seed, out=out, init=init,
+                 grid_every=0, log_every=max(1, steps // 20), save_every=steps, eval_images=64,
+                 num_workers=0, device=args.device, **extra)
+    argv = []
+    for key, value in flags.items():
+        if value is None:
+            continue
+        name = "--" + key.replace("_", "-")
+        argv += [name] if value is True else [name.replace("--", "--no-", 1)] if value is False else [name, str(value)]
+    return argv
+
+
+def training_seconds(run):
+    """The training loop's seconds, from train.py's last metrics line (images per second since the run started)."""
+    with open(os.path.join(run, "metrics.jsonl")) as file:
+        last = [json.loads(line) for line in file if line.strip()][-1]
+    with open(os.path.join(run, "config.json")) as file:
+        batch = json.load(file)["batch_size"]
+    return last["step"] * batch / last["images_per_second"]
+
+
+def probe(args, run, mode):
+    """finetune.py --mode knn | linprobe on the run -> (top-1, the same seed's random init's top-1)."""
+    out = os.path.join(run, mode)
+    argv = ["--checkpoint", run, "--mode", mode, "--device", args.device, "--out", out]
+    if mode == "linprobe":
+        argv += ["--epochs", str(args.linprobe_epochs), "--warmup-epochs", str(min(10, args.linprobe_epochs // 9))]
+    finetune.main(argv)
+    with open(os.path.join(out, "results.json")) as file:
+        results = json.load(file)
+    return results["top1"]["final"], results["scratch_top1"]["final"]
+
+
+def run_row(args, row, seed):
+    """Train, probe and (if generative) sample one row at one seed -> its record (also OUT/row/seedN/record.json)."""
+    directory = os.path.join(args.out, row, f"seed{seed}")
+    record_path = os.path.join(directory, "record.json")
+    if os.path.exists(record_path):   # finished by an earlier call: the table is rebuilt from it
+        with open(record_path) as file:
+            return json.load(file)
+    stages, seconds, previous = ROWS[row], 0.0, None
+    for index, (objective, extra) in enumerate(stages):
+        steps = args.steps // len(stages) if index < len(stages) - 1 else args.steps - (len(stages) - 1) * (
+            args.steps // len(stages))
+        run = os.path.join(directory, f"stage{index + 1}-{objective}")
+        print(f"== {row} seed {seed}: stage {index + 1}/{len(stages)}, {objective}, {steps} steps", file=sys.stderr)
+        train.main(train_argv(args, objective, extra, steps, seed, run, init=previous))
+        if not os.path.exists(os.path.join(run, "summary.json")):   # train.py saves and returns when signalled
+            raise cli.UserError(f"{run} stopped before its last step; run the same command again to redo it")
+        seconds += training_seconds(run)
+        previous = run
+    record = dict(row=row, seed=seed, run=previous, objective=stages[-1][0], steps=args.steps,
+                  training_seconds=round(seconds, 1))
+    record["knn_top1"], record["knn_random_init"] = probe(args, previous, "knn")
+    record["linprobe_top1"], record["linprobe_random_init"] = probe(args, previous, "linprobe")
+    if stages[-1][0] in relatives.GENERATIVE:
+        samples = os.path.join(directory, "samples")
+        result = sample.main(["--checkpoint", previous, "--out", samples, "--num-images", str(args.num_images),
+                              "--sampling-steps", str(args.sampling_steps), "--seed", str(seed),
+                              "--device", args.device])
+        record.update(fd_normalised=result["fd_normalised"], fd=result["fd"], floor=result["floor"],
+                      ceiling=result["ceiling"], classes_present=result["classes_present"],
+                      max_class_fraction=result["max_class_fraction"], num_images=result["num_images"],
+                      num_classes=len(result["class_histogram"]["classes"]),
+                      judge_val_accuracy=result["judge_val_accuracy"], grid=os.path.join(samples, "samples.png"))
+    with open(record_path, "w") as file:
+        json.dump(record, file, indent=2)
+    return record
+
+
+def spread(values, digits=3):
+    """'mean ± std' over seeds (the std of one seed is not shown)."""
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def table(records):
+    """The markdown table: a line per row, mean ± std over its seeds."""
+    lines = ["| row | seeds | kNN top-1 | its random init | linear probe top-1 | its random init | fd_normalised | "
+             "classes present (max share) | training seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        mine = [r for r in records if r["row"] == row]
+        if not mine:
+            continue
+        column = lambda key: [r[key] for r in mine if key in r]   # noqa: E731
+        generative = "fd_normalised" in mine[0]
+        coverage = (f"{min(column('classes_present'))}-{max(column('classes_present'))} of "
+                    f"{mine[0]['num_classes']} ({max(column('max_class_fraction')):.0%})") if generative else "–"
+        lines.append(f"| {LABELS[row]} | {len(mine)} | {spread(column('knn_top1'))} | "
+                     f"{spread(column('knn_random_init'))} | {spread(column('linprobe_top1'))} | "
+                     f"{spread(column('linprobe_random_init'))} | "
+                     f"{spread(column('fd_normalised'), 2) if generative else 'cannot generate'} | {coverage} | "
+                     f"{spread(column('training_seconds'), 0)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(records, path):
+    """kNN top-1 against fd_normalised, a point per seed, a colour per generative row; the random init dashed."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(6.5, 4.5), layout="constrained")
+    axes = figure.subplots()
+    for index, row in enumerate(ROWS):
+        mine = [r for r in records if r["row"] == row and "fd_normalised" in r]
+        if mine:
+            axes.plot([r["fd_normalised"] for r in mine], [r["knn_top1"] for r in mine], "o", color=f"C{index}",
+                      label=LABELS[row])
+    for index, row in enumerate(ROWS):   # the rows that cannot generate: their kNN as a level
+        mine = [r for r in records if r["row"] == row and "fd_normalised" not in r]
+        if mine:
+            axes.axhline(statistics.mean(r["knn_top1"] for r in mine), color=f"C{index}", linewidth=1,
+                         label=f"{LABELS[row]} (cannot generate)")
+    if records:
+        axes.axhline(statistics.mean(r["knn_random_init"] for r in records), color="grey", linestyle="--",
+                     linewidth=1, label="random init (mean of the rows)")
+    axes.set(xlabel="fd_normalised (lower is better: 0 real, 1 blurred)", ylabel="kNN top-1 (higher is better)",
+             title="one model for both jobs? (up and to the left is better)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.savefig(path, dpi=110)
+
+
+def write_docs(args, argv, records, machine):
+    """DOCS/family.md, DOCS/family.png and a sample grid per generative row (its seed 0)."""
+    os.makedirs(args.docs, exist_ok=True)
+    space = "pixels" if args.vae == "none" else f"the latents of the VAE {args.vae}"
+    grids = []
+    for row in ROWS:
+        first = next((r for r in records if r["row"] == row and r.get("grid")), None)
+        if first and os.path.exists(first["grid"]):
+            name = f"family_{row}.png"
+            shutil.copyfile(first["grid"], os.path.join(args.docs, name))
+            grids.append(f"**{LABELS[row]}** (seed {first['seed']}):\n\n![{LABELS[row]} samples]({name})\n")
+    plot(records, os.path.join(args.docs, "family.png"))
+    generative = next((r for r in records if "fd_normalised" in r), None)
+    judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps) per run, judged "
+                  f"by util.judge (its classifier {generative['judge_val_accuracy']:.1%} accurate on the validation "
+                  f"split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor {generative['floor']:.2f}, "
+                  f"ceiling {generative['ceiling']:.2f}. Classes present: those given at least 1% of the samples."
+                  if generative else "")
+    text = [
+        f"# The family on {args.dataset}, side by side\n",
+        f"Made by `{' '.join(['python tools/family.py', *argv])}` ({machine}).\n",
+        f"Every row: the {args.model} model on {space}, {args.steps} optimizer steps of {args.batch_size} images "
+        "(two-stage rows: half and half), seeds as counted. Probes of the final model (finetune.py): kNN (20-NN, "
+        f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), each beside the same seed's "
+        "random init of the same network, on the validation split. Mean ± std over seeds. Training seconds: the "
+        "training loops only (train.py's clock), every stage summed.\n",
+        table(records),
+        judge_line + "\n",
+        "![kNN top-1 against fd_normalised](family.png)\n",
+        *grids,
+    ]
+    with open(os.path.join(args.docs, "family.md"), "w") as file:
+        file.write("\n".join(text))
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.docs = args.docs or args.out
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    unknown = [row for row in rows if row not in ROWS]
+    if unknown or not rows:
+        raise cli.UserError(f"unknown row(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(ROWS)}")
+    if args.steps < 2 or args.seeds < 1 or args.linprobe_epochs < 1 or args.num_images < 2:
+        raise cli.UserError("--steps must be at least 2, --num-images at least 2, --seeds and --linprobe-epochs "
+                            "at least 1")
+    os.makedirs(args.out, exist_ok=True)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    started = time.time()
+    records = [run_row(args, row, seed) for seed in range(args.first_seed, args.first_seed + args.seeds)
+               for row in rows]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{args.device}; load average {load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, "
+               f"{(time.time() - started) / 60:.0f} minutes in all")
+    with open(os.path.join(args.out, "results.json"), "w") as file:
+        json.dump(dict(records=records, argv=argv, machine=machine), file, indent=2)
+    write_docs(args, argv, records, machine)
+    print(table(records) + f"\n{os.path.join(args.docs, 'family.md')}", file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)
