@@ -2,6 +2,8 @@
 each beside the same seed's random init), fine-tuning end to end as a subprocess, and the clear errors for
 checkpoints that do not fit. One test fails if pretraining stops helping."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -44,8 +46,23 @@ def probe(run, mode, *extra):
 
 
 @pytest.fixture(scope="module")
-def knn(run):
-    return probe(run, "knn")
+def knn_and_stderr(run):
+    """One kNN probe for the module, given training flags it must ignore with a note (a probe costs seconds)."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        results = probe(run, "knn", "--epochs", "7", "--lr", "0.3")
+    return results, stderr.getvalue()
+
+
+@pytest.fixture(scope="module")
+def knn(knn_and_stderr):
+    return knn_and_stderr[0]
+
+
+@pytest.fixture(scope="module")
+def linprobe(run):
+    """A 5-epoch linear probe, shared by the results test and the torchrun test's single-process reference."""
+    return probe(run, "linprobe", "--epochs", "5")
 
 
 def test_pretraining_helps(knn):
@@ -94,8 +111,8 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
     assert abs(history[-1]["top1"] - reference_top1) <= 0.02, (history[-1]["top1"], reference_top1)
 
 
-def test_linear_probe_results_and_baseline(run):
-    results = probe(run, "linprobe", "--epochs", "5")
+def test_linear_probe_results_and_baseline(run, linprobe):
+    results = linprobe
     assert results["epochs"] == 5 and len(results["history"]) == len(results["scratch_history"]) == 5
     for key in ("top1", "scratch_top1"):
         assert set(results[key]) == {"best", "final", "best_epoch"}
@@ -182,9 +199,9 @@ def test_mismatched_dataset_vae_and_size_are_refused(run, capsys):
     assert "already measures the random-init" in refused(capsys, base + ["--mode", "knn", "--init", "scratch"])
 
 
-def test_knn_ignores_training_flags_with_a_note(run, capsys):
-    results = probe(run, "knn", "--epochs", "7", "--lr", "0.3")
-    assert "ignoring --epochs, --lr" in capsys.readouterr().err and results["epochs"] == 0
+def test_knn_ignores_training_flags_with_a_note(knn_and_stderr):
+    results, stderr = knn_and_stderr
+    assert "ignoring --epochs, --lr" in stderr and results["epochs"] == 0
 
 
 def test_linprobe_refuses_weight_decay_and_label_smoothing(run, capsys):
@@ -195,7 +212,7 @@ def test_linprobe_refuses_weight_decay_and_label_smoothing(run, capsys):
     assert "drop --label-smoothing" in refused(capsys, base + ["--weight-decay", "0", "--label-smoothing", "0.1"])
 
 
-def test_torchrun_two_cpu_processes_linear_probe(run):
+def test_torchrun_two_cpu_processes_linear_probe(run, linprobe):
     """finetune.py under torchrun (gloo): the processes split the feature extraction, gather it, and get exactly
     the single-process probe."""
     out = run.parent / "linprobe-ddp"
@@ -206,6 +223,6 @@ def test_torchrun_two_cpu_processes_linear_probe(run):
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    single = probe(run, "linprobe", "--epochs", "5")
+    single = linprobe
     top1 = lambda history: [epoch["top1"] for epoch in history]  # noqa: E731
     assert results["world_size"] == 2 and top1(results["history"]) == pytest.approx(top1(single["history"]), abs=0.01)

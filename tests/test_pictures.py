@@ -1,5 +1,5 @@
 """Pictures: reconstruction grids during and after training, curves, --eval-only, the schedules figure, the ablation
-table. One 40-step offline run (synthetic data, tiny untrained VAE, tiny model) is shared by the tests below."""
+table. One 16-step offline run (synthetic data, tiny untrained VAE, tiny model) is shared by the tests below."""
 
 import hashlib
 import json
@@ -28,7 +28,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("pictures")
     out = str(root / "run")
     train.main(["--dataset", "synthetic", "--synthetic-size", "80", "--vae", "tiny", "--model", "tiny",
-                "--steps", "40", "--batch-size", "16", "--grid-every", "20", "--log-every", "5",
+                "--steps", "16", "--batch-size", "16", "--grid-every", "8", "--log-every", "2",
                 "--eval-images", "16", "--data-dir", str(root / "data"), "--out", out])
     return out
 
@@ -54,8 +54,8 @@ def sha1(path):
         return hashlib.sha1(file.read()).hexdigest()
 
 
-def test_a_40_step_run_leaves_grids_and_curves(run):
-    for name in ("grid_step000020.png", "grid_step000040.png", "grid_final.png"):
+def test_a_16_step_run_leaves_grids_and_curves(run):
+    for name in ("grid_step000008.png", "grid_step000016.png", "grid_final.png"):
         assert png_size(os.path.join(run, name)) == GRID_SIZE, name
     png_size(os.path.join(run, "curves.png"))
 
@@ -66,9 +66,9 @@ def test_the_curves_show_the_logged_losses_and_mask_ratios(run, monkeypatch, tmp
     records = pictures.read_metrics(metrics)
     loss_axes, ratio_axes = figure.axes
     training, held_out = loss_axes.lines
-    assert list(training.get_xdata()) == [r["step"] for r in records] == list(range(5, 41, 5))
+    assert list(training.get_xdata()) == [r["step"] for r in records] == list(range(2, 17, 2))
     assert list(training.get_ydata()) == [r["loss"] for r in records]
-    assert list(held_out.get_xdata()) == [20, 40]
+    assert list(held_out.get_xdata()) == [8, 16]
     assert list(held_out.get_ydata()) == [r["held_out_loss"] for r in records if "held_out_loss" in r]
     ratios = list(ratio_axes.lines[0].get_ydata())
     assert ratios == [r["mask_ratio"] for r in records] and ratios == sorted(ratios)   # the cosine schedule rises
@@ -76,7 +76,7 @@ def test_the_curves_show_the_logged_losses_and_mask_ratios(run, monkeypatch, tmp
 
 def test_the_held_out_loss_is_logged_at_every_grid(run):
     records = pictures.read_metrics(os.path.join(run, "metrics.jsonl"))
-    assert [r["step"] for r in records if "held_out_loss" in r] == [20, 40]
+    assert [r["step"] for r in records if "held_out_loss" in r] == [8, 16]
     with open(os.path.join(run, "summary.json")) as file:
         final = json.load(file)["held_out_loss_at_0_75"]
     assert records[-1]["held_out_loss"] == pytest.approx(final, rel=1e-6)   # the same weights, images and masks
@@ -92,7 +92,7 @@ def test_eval_only_renders_and_reports_without_touching_the_checkpoint(run, caps
         result = json.load(file)
     with open(os.path.join(run, "summary.json")) as file:
         summary = json.load(file)
-    assert result["step"] == 40
+    assert result["step"] == 16
     # the same weights, images and mask seed as the end of training: the same held-out loss
     assert result["held_out_loss_at_0_75"] == pytest.approx(summary["held_out_loss_at_0_75"], rel=1e-5)
     assert "held-out masked-token loss" in capsys.readouterr().out
