@@ -10,8 +10,9 @@ import torch
 import race
 
 BUDGET_MINUTES = 4 / 60   # 4 s of training per method (12 s in all, plus the probes): steps of ~0.01-0.4 s
-# Digits at their native 8 px: 4 latent tokens (2 x 2 latents, patch 1), 16 pixel tokens (patch 2), so that the
-# probes' forward passes over all 1,797 images cost little; the race's plumbing and clock are the same at any size.
+# Digits at their native 8 px: 4 latent tokens (2 x 2 latents, patch 1) and 4 pixel tokens (--pixel-patch 4), so
+# that the probes' forward passes over all 1,797 images cost little; the plumbing and the clock are the same at any
+# size.
 
 
 def small_vae(path):
@@ -33,8 +34,8 @@ def race_run(tmp_path_factory):
     out, threads = tmp_path / "race", torch.get_num_threads()
     race.main(["--threads", "1",    # one thread: on a busy shared CPU, two threads per process can be many times slower
                "--dataset", "digits", "--vae", str(tmp_path / "vae"), "--minutes", str(BUDGET_MINUTES),
-               "--image-size", "8", "--probes", "2", "--batch-size", "16", "--linprobe-epochs", "2", "--device", "cpu",
-               "--out", str(out)])
+               "--image-size", "8", "--pixel-patch", "4", "--probes", "2", "--batch-size", "16",
+               "--linprobe-epochs", "2", "--device", "cpu", "--out", str(out)])
     torch.set_num_threads(threads)
     return out, json.loads((out / "results.json").read_text())
 
@@ -65,7 +66,7 @@ def test_both_clocks_and_the_random_inits(race_run):
     assert results["lmd"][0]["mask_ratio"] < results["lmd"][1]["mask_ratio"] <= 0.75
     assert results["latent_mae"][0]["mask_ratio"] == results["latent_mae"][1]["mask_ratio"] == 0.75
     assert {space: len(records) for space, records in results["random"].items()} == {"pixels": 1, "latents": 1}
-    assert results["tokens"] == {"pixels": 16, "latents": 4}     # a pixel token covers a quarter of a latent one
+    assert results["tokens"] == {"pixels": 4, "latents": 4} and results["patch_size"] == {"pixels": 4, "latents": 1}
     assert results["vae"]["trained_by"] == "tools/train_vae.py" and results["peak_rss_mb"] > 100
     table = (out / "race.md").read_text().splitlines()
     assert "VAE counted" in table[0] and len(table) == 7
