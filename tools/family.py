@@ -24,7 +24,6 @@ OUT/results.json, and DOCS/family.md (the table, the command that made it, the m
 top-1 against fd_normalised) and DOCS/family_<row>.png (a sample grid per generative row, seed 0).
 """
 
-import argparse
 import json
 import os
 import platform
