@@ -24,7 +24,6 @@ OUT/results.json, and DOCS/family.md (the table, the command that made it, the m
 top-1 against fd_normalised) and DOCS/family_<row>.png (a sample grid per generative row, seed 0).
 """
 
-import argparse
 import json
 import os
 import platform
@@ -270,11 +269,15 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     started = time.time()
-    records = [run_row(args, row, seed) for seed in range(args.first_seed, args.first_seed + args.seeds)
-               for row in rows]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    assembled = all(os.path.exists(os.path.join(args.out, row, f"seed{seed}", "record.json")) for seed in seeds
+                    for row in rows)
+    records = [run_row(args, row, seed) for seed in seeds for row in rows]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{args.device}; load average {load:.1f} at the start and {os.getloadavg()[0]:.1f} at the end, "
-               f"{(time.time() - started) / 60:.0f} minutes in all")
+               f"{args.device}; " + ("every run was trained by earlier calls: this one assembled their records" if
+                                     assembled else f"load average {load:.1f} at the start and "
+                                     f"{os.getloadavg()[0]:.1f} at the end, {(time.time() - started) / 60:.0f} "
+                                     "minutes in all"))
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(dict(records=records, argv=argv, machine=machine), file, indent=2)
     write_docs(args, argv, records, machine)
