@@ -120,13 +120,11 @@ def test_linear_probe_results_and_baseline(run, linprobe):
     assert not (run.parent / "linprobe" / "classifier.pt").exists()    # a probe trains a head, not a classifier
 
 
-def test_finetune_end_to_end_subprocess(run):
+def test_finetune_end_to_end(run):
+    """In-process (the torchrun test below runs finetune.py as a script)."""
     out = run.parent / "finetune-pretrained"
-    completed = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "finetune.py"), "--checkpoint", str(run / "checkpoint.pt"), "--mode",
-         "finetune", "--epochs", "1", "--batch-size", "64", "--num-workers", "0", "--device", "cpu", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert completed.returncode == 0, completed.stderr[-2000:]
+    finetune.main(["--checkpoint", str(run / "checkpoint.pt"), "--mode", "finetune", "--epochs", "1", "--batch-size",
+                   "64", "--num-workers", "0", "--device", "cpu", "--out", str(out)])
     results = json.loads((out / "results.json").read_text())
     assert results["mode"] == "finetune" and results["init"] == "pretrained" and results["epochs"] == 1
     assert set(results["top1"]) == {"best", "final", "best_epoch"} and "scratch_top1" not in results

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,8 +11,9 @@ from util import checkpoints
 from util import cli
 from util import latent_cache
 from util import sampling
+from util import vaes
 import train
-from conftest import ROOT, tiny_flags
+from conftest import tiny_flags
 
 
 def test_a_run_writes_metrics_config_and_checkpoint(tmp_path, data_dir, capsys):
@@ -116,25 +115,20 @@ def test_missing_or_empty_image_folder(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
-# train.py as `python train.py` runs it, with the Hub probe answering "unreachable": it never downloads, whatever
-# the network, and an empty Hub cache (HF_HOME) so that a cached SD VAE cannot let it go on to fetch CIFAR-10.
-NO_HUB = """
-import sys
-sys.path.insert(0, {root!r})
-from util import cli, vaes
-vaes._hub_reachable = lambda timeout=5.0: False
-import train
-cli.run_cli(lambda: train.main({argv!r}))
-"""
-
-
-def test_offline_default_command_fails_fast_with_a_way_out(tmp_path):
-    """With no network the default command must say what it could not download and how to run offline."""
-    argv = ["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]
-    result = subprocess.run([sys.executable, "-c", NO_HUB.format(root=ROOT, argv=argv)], capture_output=True,
-                            text=True, timeout=120, cwd=ROOT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf")})
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Hugging Face Hub is unreachable" in result.stderr and "--dataset synthetic --vae tiny" in result.stderr
-    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_offline_default_command_fails_fast_with_a_way_out(tmp_path, monkeypatch, capsys):
+    """With no network the default command must say what it could not download and how to run offline. The Hub
+    probe answers "unreachable" and the Hub cache is empty (both patched): the test never downloads, whatever the
+    network and whatever the machine's Hub cache holds."""
+    def empty_hub_cache(vae, device="cpu", dtype=torch.float32, local_files_only=False):
+        if local_files_only:
+            raise OSError(f"{vae} is not in the local Hub cache")
+        raise AssertionError("the VAE would have been downloaded")
+    monkeypatch.setattr(vaes.lmd, "load_projection", empty_hub_cache)
+    monkeypatch.setattr(vaes, "_hub_reachable", lambda timeout=5.0: False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_cli(lambda: train.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Hugging Face Hub is unreachable" in err and "--dataset synthetic --vae tiny" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()                 # nothing downloaded: not even CIFAR-10
