@@ -37,3 +37,15 @@ def tiny_flags(data_dir, out, steps=8, **overrides):
 def data_dir(tmp_path_factory):
     """One data directory for the whole session, so the latent cache is built once."""
     return str(tmp_path_factory.mktemp("data"))
+
+
+# The longest files first, so that the two pytest workers (pytest.ini) finish together: a file runs whole on one
+# worker, and the digits pretraining of test_finetune alone takes about a minute.
+SLOWEST_FIRST = ("test_finetune.py", "test_race.py", "test_notebook.py", "test_cluster.py", "test_relatives.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = os.path.basename(str(item.path))
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+    items.sort(key=rank)   # stable: the order inside a file is kept
