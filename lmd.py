@@ -86,11 +86,8 @@ class LatentProjection(nn.Module):
 
 
 def tiny_vae():
-    """A small, randomly initialised AutoencoderKL in the SD layout (4 latent channels, downsampling 8).
-
-    For offline runs and tests only: its latents mean nothing. The seed is fixed so that every run, the
-    latent cache and finetune.py all see the same untrained VAE.
-    """
+    """A small, randomly initialised AutoencoderKL in the SD layout (4 latent channels, downsampling 8), for offline
+    runs and tests only: its latents mean nothing. Seeded, so every run, cache and probe sees the same one."""
     from diffusers import AutoencoderKL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -102,8 +99,7 @@ def tiny_vae():
 def _vae_class(name_or_path):
     """AutoencoderTiny for TAESD-style checkpoints (by config when local, by name otherwise), else AutoencoderKL."""
     from diffusers import AutoencoderKL, AutoencoderTiny
-    config_path = os.path.join(name_or_path, "config.json")
-    if os.path.isfile(config_path):
+    if os.path.isfile(config_path := os.path.join(name_or_path, "config.json")):
         with open(config_path) as file:
             return AutoencoderTiny if json.load(file).get("_class_name") == "AutoencoderTiny" else AutoencoderKL
     return AutoencoderTiny if "taesd" in name_or_path.lower() else AutoencoderKL
@@ -170,9 +166,8 @@ def random_masking(tokens, mask_ratio, generator=None):
 
 
 def insert_mask_tokens(x, mask_token, restore_indices):
-    """x [B, 1 + K, D] (class token, then the K visible tokens in shuffled order), mask_token [1, 1, D],
-    restore_indices [B, L] -> [B, 1 + L, D]: the class token, then every token in its place, mask tokens where hidden.
-    """
+    """x [B, 1 + K, D] (class token, then the K visible tokens, shuffled), mask_token [1, 1, D], restore_indices
+    [B, L] -> [B, 1 + L, D]: the class token, then every token in its place, mask tokens where hidden."""
     batch, length = restore_indices.shape
     mask_tokens = mask_token.expand(batch, length + 1 - x.shape[1], -1)
     shuffled = torch.cat([x[:, 1:], mask_tokens], dim=1)      # visible first, then masked
@@ -349,9 +344,9 @@ class LatentClassifier(nn.Module):
     def __init__(self, autoencoder, num_classes, linear_probe=False):
         super().__init__()
         encoder = copy.deepcopy(autoencoder)
-        parts = (*encoder._modules, *encoder._parameters, *encoder._buffers)
-        for name in [name for name in parts if name.startswith("decoder_") or name == "mask_token"]:
-            delattr(encoder, name)   # the decoder's parts: their names start with decoder_ (and the mask token)
+        for name in [name for name in (*encoder._modules, *encoder._parameters, *encoder._buffers)
+                     if name.startswith("decoder_") or name == "mask_token"]:   # the decoder's parts
+            delattr(encoder, name)
         self.encoder = encoder.requires_grad_(not linear_probe)
         self.linear_probe = linear_probe
         width = encoder.norm.normalized_shape[0]
@@ -424,9 +419,7 @@ class MaskSchedule:
         u = min(max(progress, 0.0) / self.ramp, 1.0)   # position along the ramp
         if self.name == "linear":
             return self.start + (self.end - self.start) * u
-        # piecewise: start -> mid over the ramp's first quarter (1/6 of training with the default ramp of 2/3),
-        # mid held to the ramp's half (1/3 of training), then mid -> end over its second half.
-        if self.name == "piecewise":
+        if self.name == "piecewise":   # start -> mid over the ramp's first quarter (1/6 of training), hold, -> end
             if u < 0.25:
                 return self.start + (self.mid - self.start) * u / 0.25
             if u < 0.5:
