@@ -45,18 +45,6 @@ DEFAULTS = dict(
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
     resume=None, stop_after_step=None, grid_every=500, eval_only=False, encode_batch_size=vaes.ENCODE_CHUNK,
 )
-# The diffusion objectives' own defaults, where they differ from LMD's. Small batches: on the digits' VAE latents
-# ddpm's tiny model reaches fd_normalised ~0.2 in 3000 steps of 64 (minutes on a CPU); MaskDM's ratio 0.75 in
-# blocks of 2 x 2 tokens keeps one block of four on the digits' 4 x 4 token grid. No weight decay (as DiT).
-OBJECTIVE_DEFAULTS = {
-    "ddpm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False),
-    "maskdm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False, mask_ratio=0.75),
-    "umd": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False, mask_ratio=0.375),
-}
-# Flags of LMD's masking curriculum, which no diffusion objective reads; MaskDM's own; UMD's own.
-LMD_ONLY = {"scheduler", "mask_start", "mask_end", "mask_plateau", "ramp_fraction", "normalize_targets"}
-MASKDM_ONLY = {"block_size"}
-UMD_ONLY = {"clean_share", "clean_mask_ratio"}
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
                     "stop_after_step", "grid_every", "eval_only", "encode_batch_size"}
@@ -71,7 +59,7 @@ def build_parser():
         key = flag[2:].replace("-", "_")
         show = lambda value: f"{value:.4g}" if isinstance(value, float) else f"{value}"   # noqa: E731
         if DEFAULTS[key] is not None and "%(default)" not in kwargs.get("help", ""):
-            others = "".join(f"; {name}: {show(values[key])}" for name, values in OBJECTIVE_DEFAULTS.items()
+            others = "".join(f"; {name}: {show(values[key])}" for name, values in relatives.TRAINING_DEFAULTS.items()
                              if key in values)
             kwargs["help"] += f" (default: {show(DEFAULTS[key])}{others})"
         parser.add_argument(flag, **kwargs)
@@ -153,7 +141,7 @@ def parse_flags(argv=None):
     one latent cache, from anywhere."""
     given = vars(build_parser().parse_args(argv))
     objective = given.get("objective", DEFAULTS["objective"])
-    flags = {**DEFAULTS, **OBJECTIVE_DEFAULTS.get(objective, {}), **given}
+    flags = {**DEFAULTS, **relatives.TRAINING_DEFAULTS.get(objective, {}), **given}
     flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
     return flags, set(given)
 
@@ -162,9 +150,7 @@ def resolve_config(flags, given):
     """The run's full config: the flags, the per-dataset defaults, and everything derived from them."""
     config = {k: v for k, v in flags.items() if k != "resume"}
     objective = config["objective"]
-    not_read = ((LMD_ONLY if objective != "lmd" else set()) | (MASKDM_ONLY if objective != "maskdm" else set())
-                | (UMD_ONLY if objective != "umd" else set()) | ({"mask_ratio"} if objective == "ddpm" else set()))
-    for flag in sorted(given & not_read):
+    for flag in sorted(given & relatives.flags_not_read(objective)):
         raise cli.UserError(f"--{flag.replace('_', '-')} does not apply to --objective {objective}; drop it")
     config["image_size"] = config["image_size"] or datasets.DEFAULT_IMAGE_SIZE[config["dataset"]]
     config["warmup_steps"] = config["warmup_steps"] if config["warmup_steps"] is not None else config["steps"] // 20
@@ -283,37 +269,18 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     return last_saved
 
 
-def held_out_loss(projection, config, dist):
-    """The run's held-out loss: LMD's masked-token loss at ratio 0.75, or the objective's eps loss at its ratio."""
-    ratio = relatives.held_out_mask_ratio(config)
-    return pretraining.HeldOutLoss(projection, config, dist.device, config["eval_images"], ratio)
-
-
-def held_out_words(config):
-    """What the held-out loss is, in words."""
-    if config["objective"] == "lmd":
-        return "held-out masked-token loss at ratio 0.75"
-    return f"held-out eps loss at mask ratio {relatives.held_out_mask_ratio(config)}"
-
-
-def held_out_record(config, loss):
-    """{name: value} of the held-out loss for summary.json and eval.json (LMD's name is kept for its readers)."""
-    if config["objective"] == "lmd":
-        return dict(held_out_loss_at_0_75=loss)
-    return dict(held_out_eps_loss=loss, held_out_mask_ratio=relatives.held_out_mask_ratio(config))
-
-
 def evaluate(model, projection, config, dist, step):
     """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
     if not dist.is_main:
         return
-    loss = held_out_loss(projection, config, dist)(model)
+    held_out = pretraining.held_out_loss(projection, config, dist.device)
+    loss = held_out(model)
     grid = pictures.grid_writer(model, projection, config)("eval", step)
-    result = dict(step=step, steps=config["steps"], **held_out_record(config, loss),
+    result = dict(step=step, steps=config["steps"], **held_out.record(loss),
                   eval_images=config["eval_images"], grid=grid)
     with open(os.path.join(config["out"], "eval.json"), "w") as file:
         json.dump(result, file, indent=2)
-    print(f"step {step}/{config['steps']}: {held_out_words(config)} = {loss:.4f}; grid: {grid}")
+    print(f"step {step}/{config['steps']}: {held_out.words()} = {loss:.4f}; grid: {grid}")
 
 
 def main(argv=None):
@@ -336,7 +303,7 @@ def main(argv=None):
         devices.compile_transformer_blocks(model)
     train_model = torch.nn.parallel.DistributedDataParallel(model) if dist.enabled else model
     pretraining.start_run_directory(config, model, dist, start_step)
-    held_out = held_out_loss(projection, config, dist)
+    held_out = pretraining.held_out_loss(projection, config, dist.device)
     save_grid = pictures.grid_writer(model, projection, config)
     started = time.time()
     with pretraining.StopRequest() as stop:
@@ -348,10 +315,10 @@ def main(argv=None):
                   file=sys.stderr)
     elif dist.is_main:
         loss = held_out(model)
-        summary = dict(step=step, **held_out_record(config, loss), minutes_this_session=(time.time() - started) / 60)
+        summary = dict(step=step, **held_out.record(loss), minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
             json.dump(summary, file, indent=2)
-        print(f"done: {held_out_words(config)} = {loss:.4f}; "
+        print(f"done: {held_out.words()} = {loss:.4f}; "
               f"checkpoint: {os.path.join(config['out'], 'checkpoint.pt')}", file=sys.stderr)
         save_grid("final", step)
     if dist.is_main:  # the curves of every run, finished or stopped

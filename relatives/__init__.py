@@ -22,6 +22,29 @@ OBJECTIVES = ("lmd", "ddpm", "maskdm", "umd")
 GENERATIVE = ("ddpm", "maskdm", "umd")  # the objectives whose models predict noise: sample.py can sample them
 LMD_HELD_OUT_RATIO = 0.75               # LMD's held-out loss is measured at MAE's ratio, whatever the schedule
 
+# The diffusion objectives' training defaults where they differ from LMD's (train.py's): small batches and no
+# weight decay, as DiT; MaskDM's ratio 0.75 in blocks of 2 x 2 tokens keeps one block of four on a 4 x 4 token grid.
+TRAINING_DEFAULTS = {
+    "ddpm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False),
+    "maskdm": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False,
+                   mask_ratio=0.75),
+    "umd": dict(batch_size=64, base_lr=4e-3, weight_decay=0.0, normalize_targets=False,
+                mask_ratio=0.375),
+}
+# The flags only some objectives read (train.py refuses them for the others): LMD's curriculum, MaskDM's blocks,
+# UMD's clean half, and the mask ratio that plain diffusion never uses.
+OWN_FLAGS = {
+    "lmd": {"scheduler", "mask_start", "mask_end", "mask_plateau", "ramp_fraction", "normalize_targets", "mask_ratio"},
+    "ddpm": set(),
+    "maskdm": {"block_size", "mask_ratio"},
+    "umd": {"clean_share", "clean_mask_ratio", "mask_ratio"},
+}
+
+
+def flags_not_read(objective):
+    """The flags (config keys) that `objective` ignores: given on the command line, they are an error."""
+    return set().union(*OWN_FLAGS.values()) - OWN_FLAGS[objective]
+
 
 def build_model(config, grid, channels):
     """The model of a run config (objective, model, patch_size, block_size) on a grid x grid x channels latent."""

@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+import relatives
 from util import checkpoints
 from util import datasets
 from util import devices
@@ -154,6 +155,11 @@ class TrainingBatches:
         return batch.to(device, non_blocking=True).float()
 
 
+def held_out_loss(projection, config, device):
+    """The run's held-out loss: LMD's masked-token loss at ratio 0.75, or the objective's eps loss at its ratio."""
+    return HeldOutLoss(projection, config, device, config["eval_images"], relatives.held_out_mask_ratio(config))
+
+
 class HeldOutLoss:
     """The masked-token loss on the first `num_images` validation images, un-augmented, at ratio 0.75 and with a
     fixed mask seed: the number that compares runs (and steps of one run) whatever their schedules.
@@ -194,6 +200,18 @@ class HeldOutLoss:
             total, count = total + loss.item() * len(latents), count + len(latents)
         model.train(was_training)
         return total / max(count, 1)
+
+    def words(self):
+        """What the held-out loss is, in words."""
+        if self.config.get("objective", "lmd") == "lmd":
+            return f"held-out masked-token loss at ratio {self.mask_ratio}"
+        return f"held-out eps loss at mask ratio {self.mask_ratio}"
+
+    def record(self, loss):
+        """{name: value} for summary.json and eval.json (LMD's name is kept for its readers)."""
+        if self.config.get("objective", "lmd") == "lmd":
+            return dict(held_out_loss_at_0_75=loss)
+        return dict(held_out_eps_loss=loss, held_out_mask_ratio=self.mask_ratio)
 
 
 def check_finite(losses, done, non_finite_anywhere, last_saved, out):
