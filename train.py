@@ -37,7 +37,7 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
-    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75,
+    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75, snr_gamma=5.0,
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
@@ -76,6 +76,8 @@ def build_parser():
     add("--clean-share", type=float, help="UMD: r, the share of every batch that is clean (time 0, no noise, "
                                           "an MAE step) and the clean loss's weight")
     add("--clean-mask-ratio", type=float, help="UMD: the clean half's mask ratio")
+    add("--snr-gamma", type=float, help="diffusion objectives: weigh each noise level's eps loss by "
+        "min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023); 0 = the plain eps-MSE of the papers")
     add("--scheduler", choices=lmd.SCHEDULERS, help="mask-ratio schedule; 'constant' is the MAE baseline")
     add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant; MaskDM's block-mask ratio; "
                                        "UMD's noised half's ratio")

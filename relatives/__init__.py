@@ -32,12 +32,12 @@ TRAINING_DEFAULTS = {
                 mask_ratio=0.375),
 }
 # The flags only some objectives read (train.py refuses them for the others): LMD's curriculum, MaskDM's blocks,
-# UMD's clean half, and the mask ratio that plain diffusion never uses.
+# UMD's clean half, the diffusion objectives' loss weighting, and the mask ratio that plain diffusion never uses.
 OWN_FLAGS = {
     "lmd": {"scheduler", "mask_start", "mask_end", "mask_plateau", "ramp_fraction", "normalize_targets", "mask_ratio"},
-    "ddpm": set(),
-    "maskdm": {"block_size", "mask_ratio"},
-    "umd": {"clean_share", "clean_mask_ratio", "mask_ratio"},
+    "ddpm": {"snr_gamma"},
+    "maskdm": {"block_size", "mask_ratio", "snr_gamma"},
+    "umd": {"clean_share", "clean_mask_ratio", "mask_ratio", "snr_gamma"},
 }
 
 
@@ -52,13 +52,14 @@ def build_model(config, grid, channels):
     size, patch = config["model"], config["patch_size"]
     if objective == "lmd":
         return lmd.MaskedLatentViT(size, grid, patch, channels)
+    snr_gamma = config.get("snr_gamma", 0.0)   # runs from before the weighting trained with the plain eps-MSE
     if objective == "ddpm":
-        return ddpm.DDPM(size, grid, patch, channels)
+        return ddpm.DDPM(size, grid, patch, channels, snr_gamma=snr_gamma)
     if objective == "maskdm":
-        return maskdm.MaskDM(size, grid, patch, channels, block_size=config["block_size"])
+        return maskdm.MaskDM(size, grid, patch, channels, block_size=config["block_size"], snr_gamma=snr_gamma)
     if objective == "umd":
         return umd.UMD(size, grid, patch, channels, clean_share=config["clean_share"],
-                       clean_mask_ratio=config["clean_mask_ratio"])
+                       clean_mask_ratio=config["clean_mask_ratio"], snr_gamma=snr_gamma)
     raise lmd.ConfigError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
 
 

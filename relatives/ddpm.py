@@ -3,7 +3,7 @@ Plain diffusion (DDPM, Ho et al. 2020; the network and its conditioning as in Di
 masked ViT with no mask, told the noise level, predicting the noise. The baseline every relative is measured by.
 
     1. the model    diffusion.DiffusionViT: every token seen by encoder and decoder, one head (eps)
-    2. the loss     eps-MSE over every token, t uniform in 0 .. T-1, cosine betas, T = 1000
+    2. the loss     eps-MSE over every token (min-SNR weighted), t uniform in 0 .. T-1, cosine betas, T = 1000
 
 Sampling (DDIM) is diffusion.ddim_sample; sample.py runs it and judges the images.
 """
@@ -17,8 +17,10 @@ from relatives import diffusion
 class DDPM(diffusion.DiffusionViT):
     """A diffusion model on the latent grid: noise the latents, predict the noise from every (noisy) token."""
 
-    def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0):
-        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps",), mask_token=False)
+    def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0,
+                 snr_gamma=diffusion.SNR_GAMMA):
+        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps",), mask_token=False,
+                         snr_gamma=snr_gamma)
 
     def forward(self, latents, mask_ratio=0.0, normalize_targets=False, generator=None):
         """latents [B, C, H, W] (clean) -> (loss [], eps predictions [B, L, p*p*C], mask [B, L], all zeros).
@@ -38,5 +40,6 @@ class DDPM(diffusion.DiffusionViT):
         time = diffusion.model_time(t)                                             # t + 1: 0 is for clean inputs
         predictions = self.forward_decoder(self.forward_encoder(noisy, time), time)  # every token, both stacks
         every_token = torch.ones(predictions.shape[:2], device=latents.device)
-        loss = lmd.masked_token_loss(predictions, self.patchify(noise), every_token, normalize_targets=False)
+        loss = diffusion.eps_loss(predictions, self.patchify(noise), every_token,
+                                  diffusion.min_snr_weights(t, self.snr_gamma))
         return loss, predictions, 1 - every_token

@@ -3,7 +3,8 @@ What LMD's diffusion relatives share, in one module: the noise, the time, a time
 
 LMD keeps masking and drops the noise; its relatives keep both. Read this file top to bottom:
 
-    1. the noise schedule    DDPM, cosine betas, T = 1000 (diffusers' DDPMScheduler); model time t + 1, 0 = clean
+    1. the noise schedule    DDPM, cosine betas, T = 1000 (diffusers' DDPMScheduler); model time t + 1, 0 = clean;
+                             the eps loss, each noise level weighted by min-SNR
     2. time conditioning     sinusoidal time embedding -> adaLN-Zero (DiT) in every transformer block
     3. the diffusion ViT     lmd.MaskedLatentViT with adaLN-Zero blocks in encoder and decoder, eps (and x0) heads
     4. the sampler           DDIM (diffusers' DDIMScheduler) with the eps head
@@ -56,6 +57,30 @@ def draw_times_and_noise(latents, generator=None):
 def add_noise(latents, noise, t):
     """x_t = sqrt(alpha_bar_t) * x_0 + sqrt(1 - alpha_bar_t) * eps, all [B, C, H, W]; t [B]."""
     return noise_schedule().add_noise(latents, noise, t)
+
+
+SNR_GAMMA = 5.0   # min-SNR-5 (Hang et al. 2023); 0 = the plain eps-MSE of DDPM, MaskDM and UMD
+
+
+def min_snr_weights(t, gamma=SNR_GAMMA):
+    """t [B] -> each sample's weight in the eps loss [B]: min(SNR_t, gamma) / SNR_t, SNR_t = a_t / (1 - a_t).
+
+    The nearly clean levels (SNR above gamma) have large, uninformative eps gradients that fight the rest; capping
+    their weight is Min-SNR's fix, and on digits it halves the steps to a given sample quality (docs/relatives.md).
+    gamma 0 weighs every level 1.
+    """
+    if not gamma:
+        return torch.ones(t.shape, device=t.device)
+    alpha_bar = noise_schedule().alphas_cumprod.to(t.device)[t]
+    snr = alpha_bar / (1 - alpha_bar)
+    return gamma / snr.clamp(min=gamma)   # = min(snr, gamma) / snr, and 1 where snr is 0
+
+
+def eps_loss(predictions, noise_tokens, scored, weights):
+    """The eps-MSE per scored token, each sample's tokens weighted: predictions, noise_tokens [B, L, D]; scored [B, L]
+    with 1 = scored; weights [B] (min_snr_weights). Divided by the number of scored tokens, as lmd's loss."""
+    per_token = ((predictions.float() - noise_tokens.float()) ** 2).mean(dim=-1)
+    return (per_token * scored * weights.unsqueeze(1)).sum() / scored.sum()
 
 
 #################################################################################
@@ -126,12 +151,14 @@ class DiffusionViT(lmd.MaskedLatentViT):
 
     `heads` names what the decoder predicts per token, each p*p*C values side by side ("eps"; UMD adds "x0").
     `mask_token=False` drops the learned mask token for objectives that never insert one (ddpm, MaskDM): an unused
-    parameter would stall DDP. The head and every modulation start at zero (DiT): at first the network predicts 0.
+    parameter would stall DDP. `snr_gamma` weighs the eps loss (min_snr_weights). The head and every modulation
+    start at zero (DiT): at first the network predicts 0.
     """
 
     def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0, heads=("eps",),
-                 mask_token=True):
+                 mask_token=True, snr_gamma=SNR_GAMMA):
         super().__init__(size, grid_size, patch_size, channels, mlp_ratio)
+        self.snr_gamma = snr_gamma   # the eps loss's min-SNR weighting (min_snr_weights)
         (width, depth, num_heads), (decoder_width, decoder_depth, decoder_heads) = lmd.MODEL_SIZES[size].values()
         self.heads, self.token_dim = tuple(heads), patch_size * patch_size * channels
         self.time_embed = TimestepEmbedder(width)

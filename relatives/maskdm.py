@@ -7,7 +7,7 @@ predict the noise of the tokens it still sees. Stage 2 is ordinary diffusion on 
     1. block masks   per sample, a random subset of b x b blocks of tokens stays visible (the rest is dropped)
     2. the model     diffusion.DiffusionViT on the visible tokens only, encoder and decoder: no mask tokens, so
                      nothing is predicted at masked positions
-    3. the loss      eps-MSE over the visible tokens only
+    3. the loss      eps-MSE over the visible tokens only (min-SNR weighted, as every objective here)
 
 Differences from the paper's code (a U-ViT): the time enters by adaLN-Zero (diffusion.py), not as a time token,
 so that stage 2 is exactly train.py's ddpm network; its long skips are not used.
@@ -53,8 +53,10 @@ def block_masking(batch, grid, block_size, mask_ratio, generator=None, device="c
 class MaskDM(diffusion.DiffusionViT):
     """The ddpm network (same weights, same names) trained on the visible blocks of noised latents."""
 
-    def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0, block_size=2):
-        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps",), mask_token=False)
+    def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0, block_size=2,
+                 snr_gamma=diffusion.SNR_GAMMA):
+        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps",), mask_token=False,
+                         snr_gamma=snr_gamma)
         self.block_size = block_size
         if self.grid % block_size:
             raise lmd.ConfigError(f"--block-size {block_size} does not divide the {self.grid}x{self.grid} token "
@@ -79,7 +81,8 @@ class MaskDM(diffusion.DiffusionViT):
         eps_visible = self.forward_decoder(encoded, time, keep_indices)    # [B, K, D]: no decoder for the rest
         targets = diffusion.gather_tokens(self.patchify(noise), keep_indices)
         every_visible = torch.ones(eps_visible.shape[:2], device=latents.device)
-        loss = lmd.masked_token_loss(eps_visible, targets, every_visible, normalize_targets=False)
+        weights = diffusion.min_snr_weights(t, self.snr_gamma)
+        loss = diffusion.eps_loss(eps_visible, targets, every_visible, weights)
         predictions = torch.zeros(*mask.shape, eps_visible.shape[-1], device=latents.device, dtype=eps_visible.dtype)
         predictions.scatter_(1, keep_indices.unsqueeze(-1).expand_as(eps_visible), eps_visible)
         return loss, predictions, mask

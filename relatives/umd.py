@@ -17,7 +17,8 @@ only says which tokens each half sees and on which each head is scored. What rea
 - generation fine-tuning, as in the paper: train.py --objective umd --init RUN --mask-ratio 0 --clean-share 0.05.
 
 Differences from the paper's code (JAX): one class token and no register tokens (lmd's encoder); the tokens are
-latent patches of a frozen VAE (or pixels), as for every objective here.
+latent patches of a frozen VAE (or pixels), and the eps term is min-SNR weighted (--snr-gamma 0: the paper's), as
+for every objective here.
 """
 
 import torch
@@ -35,8 +36,9 @@ class UMD(diffusion.DiffusionViT):
     """The time-conditioned masked ViT with two heads per token, eps and x0, trained on a clean and a noised half."""
 
     def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0, clean_share=CLEAN_SHARE,
-                 clean_mask_ratio=CLEAN_MASK_RATIO):
-        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps", "x0"), mask_token=True)
+                 clean_mask_ratio=CLEAN_MASK_RATIO, snr_gamma=diffusion.SNR_GAMMA):
+        super().__init__(size, grid_size, patch_size, channels, mlp_ratio, heads=("eps", "x0"), mask_token=True,
+                         snr_gamma=snr_gamma)
         if not 0 <= clean_share <= 1:
             raise lmd.ConfigError(f"the clean share r = {clean_share} must lie in [0, 1] (0: diffusion only, "
                                   "1: MAE only)")
@@ -88,8 +90,8 @@ class UMD(diffusion.DiffusionViT):
         if len(noised):  # 2. the noised half: x_t at t + 1; eps scored on the visible tokens, x0 on the masked ones
             noisy = diffusion.add_noise(noised, noise, t)
             noised_predictions, noised_mask = self.predict(noisy, diffusion.model_time(t), mask_ratio, generator)
-            terms["eps"] = lmd.masked_token_loss(self.head(noised_predictions, "eps"), self.patchify(noise),
-                                                 1 - noised_mask, normalize_targets=False)
+            terms["eps"] = diffusion.eps_loss(self.head(noised_predictions, "eps"), self.patchify(noise),
+                                              1 - noised_mask, diffusion.min_snr_weights(t, self.snr_gamma))
             if mask_ratio > 0:   # with no mask there is no x0 term: the diffusion loss is the eps loss
                 terms["x0"] = lmd.masked_token_loss(self.head(noised_predictions, "x0"), self.patchify(noised),
                                                     noised_mask, normalize_targets=False)

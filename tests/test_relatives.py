@@ -78,6 +78,28 @@ def test_each_objective_loss_is_finite_and_falls_on_digits(objective, ratio, dig
     assert after < 0.8 * before, (before, after)
 
 
+def test_min_snr_weights_cap_only_the_nearly_clean_levels():
+    t = torch.arange(diffusion.NUM_TIMESTEPS)
+    weights = diffusion.min_snr_weights(t, gamma=5.0)
+    assert weights[0] < 1e-3                                  # t = 0: SNR ~ 2.5e4, weight 5 / SNR
+    assert torch.all(weights[300:] == 1)                      # SNR below 5 (a_t < 5/6) from t ~ 250 on: weight 1
+    assert torch.all(weights[1:] >= weights[:-1])             # noisier levels never weigh less
+    assert torch.equal(diffusion.min_snr_weights(t, gamma=0), torch.ones(len(t)))   # the plain eps-MSE
+
+
+def test_ddpm_loss_is_the_plain_eps_mse_at_gamma_0_and_smaller_with_min_snr(digits_latents):
+    torch.manual_seed(0)
+    model = relatives.ddpm.DDPM("tiny", grid_size=16, patch_size=4, channels=3, snr_gamma=0.0)
+    torch.nn.init.normal_(model.decoder_head.weight, std=0.02)   # not the zero head of a fresh model
+    t, latents = torch.tensor([0, 10, 500, 900]), digits_latents[:4]
+    noise = torch.randn_like(latents)
+    plain, predictions, _ = model.loss(latents, t, noise)
+    assert plain.item() == pytest.approx(((predictions - model.patchify(noise)) ** 2).mean().item(), rel=1e-5)
+    model.snr_gamma = 5.0
+    weighted, _, _ = model.loss(latents, t, noise)
+    assert weighted < plain
+
+
 def test_ddpm_refuses_a_mask():
     model = relatives.build_model(dict(objective="ddpm", model="tiny", patch_size=2), 8, 4)
     with pytest.raises(lmd.ConfigError, match="mask ratio is 0"):
@@ -193,7 +215,8 @@ def test_init_refuses_another_latent_space(runs, data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [(["--scheduler", "linear"], "--scheduler does not apply"),
                                             (["--mask-ratio", "0.5"], "--mask-ratio does not apply"),
-                                            (["--block-size", "2"], "--block-size does not apply")])
+                                            (["--block-size", "2"], "--block-size does not apply"),
+                                            (["--objective", "lmd", "--snr-gamma", "0"], "--snr-gamma does not apply")])
 def test_flags_of_another_objective_are_refused_in_one_line(extra, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(lambda: train.main(diffusion_flags(str(tmp_path), tmp_path / "r", objective="ddpm") + extra))
