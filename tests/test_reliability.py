@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -53,23 +52,20 @@ def test_resume_refuses_a_changed_setting(tmp_path, data_dir, capsys):
 
 def test_sigint_saves_at_the_end_of_the_step_and_exits_cleanly(tmp_path, data_dir):
     out = tmp_path / "run"
-    argv = tiny_flags(data_dir, str(out), steps=500, save_every=1000)
-    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *argv], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 60
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.1)
+    pixels = dict(vae="none", image_size=32, patch_size=8)   # no VAE to import or encode with: the signal is the test
+    argv = tiny_flags(data_dir, str(out), steps=8, save_every=100, **pixels)
+    process = subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_SIGNAL_AT_STEP_2.format(root=ROOT, argv=argv)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "step 2", process.communicate(timeout=60)[1][-2000:]
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 0, err[-2000:]
     assert "continue with: python train.py --resume" in err and "Traceback" not in err
-    stopped_at = checkpoints.load_checkpoint(str(out))["step"]
-    assert 2 <= stopped_at < 500
-    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == stopped_at
+    assert checkpoints.load_checkpoint(str(out))["step"] == 3   # the step under way when the signal came
+    assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     # the saved state is exactly that of a run told to stop after that step
-    train.main(tiny_flags(data_dir, str(tmp_path / "reference"), steps=500, save_every=1000,
-                          stop_after_step=stopped_at))
+    train.main(tiny_flags(data_dir, str(tmp_path / "reference"), steps=8, save_every=100, stop_after_step=3,
+                          **pixels))
     assert_same_weights(weights(out), weights(tmp_path / "reference"))
 
 
