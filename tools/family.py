@@ -44,7 +44,7 @@ import train  # noqa: E402
 from util import cli, datasets  # noqa: E402
 
 # (objective, extra train.py flags) per stage. The LMD stages use the README's laptop recipe; the diffusion stages
-# train.py's own defaults for their objective (batch 64, base lr 4e-3, no weight decay).
+# train.py's own defaults for their objective (batch 64, base lr 8e-3, no weight decay, min-SNR-5).
 LMD_RECIPE = dict(base_lr=1.5e-3, normalize_targets=False)
 ROWS = {
     "mae": [("lmd", dict(LMD_RECIPE, scheduler="constant"))],
