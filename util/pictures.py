@@ -170,10 +170,11 @@ def save_sample_grid(images, path, title="", subtitle="", columns=8):
 
 
 def space_name(projection):
-    """'pixels', or the VAE's name (marked when it is untrained)."""
+    """'pixels', or the VAE's name (a local directory by its last part; marked when it is untrained)."""
     if projection.is_pixels:
         return "pixels"
-    return f"{projection.name} latents" + ("" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)")
+    name = os.path.basename(projection.name.rstrip("/")) if os.path.isdir(projection.name) else projection.name
+    return f"{name} latents" + ("" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)")
 
 
 SAMPLE_GRID_IMAGES, SAMPLE_GRID_STEPS = 16, 50   # a diffusion run's grids: this many DDIM samples, of this many steps
