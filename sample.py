@@ -92,8 +92,8 @@ def main(argv=None):
     sampling = dict(checkpoint=flags.checkpoint, objective=config["objective"], step=step, sampler="DDIM",
                     sampling_steps=flags.sampling_steps, eta=flags.eta, seed=flags.seed, num_images=flags.num_images,
                     sampling_seconds=round(seconds, 1), device=str(device))
-    source = config.get("init_from")   # a second stage names its first: "ddpm after maskdm"
-    stages = f"{config['objective']} after {source['objective']}" if source else config["objective"]
+    source = config.get("init_from")   # a second stage names its first: "ddpm (--init: a maskdm run)"
+    stages = f"{config['objective']} (--init: a {source['objective']} run)" if source else config["objective"]
     title = f"{stages} on {pictures.space_name(projection)}, {config['dataset']}, step {step:,}"
     subtitle = (f"{min(flags.grid_images, len(samples))} of {len(samples)} DDIM samples ({flags.sampling_steps} "
                 f"steps, eta {flags.eta}, seed {flags.seed}); not picked")
