@@ -37,7 +37,8 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
-    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75, snr_gamma=5.0,
+    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75,
+    snr_gamma=relatives.diffusion.SNR_GAMMA,
     scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
     dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
@@ -176,11 +177,6 @@ def load_config(argv):
     return resolve_config(flags, given), None
 
 
-def mask_schedule(config):
-    """The run's mask-ratio schedule (built first thing, so that bad ratios fail before any data is encoded)."""
-    return relatives.mask_schedule(config)
-
-
 def build_run(config, checkpoint, dist):
     """The projection, model and optimizer of a run, restored from `checkpoint` when resuming."""
     torch.manual_seed(config["seed"])
@@ -271,23 +267,9 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     return last_saved
 
 
-def evaluate(model, projection, config, dist, step):
-    """--eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights. Trains and saves nothing else."""
-    if not dist.is_main:
-        return
-    held_out = pretraining.held_out_loss(projection, config, dist.device)
-    loss = held_out(model)
-    grid = pictures.grid_writer(model, projection, config)("eval", step)
-    result = dict(step=step, steps=config["steps"], **held_out.record(loss),
-                  eval_images=config["eval_images"], grid=grid)
-    with open(os.path.join(config["out"], "eval.json"), "w") as file:
-        json.dump(result, file, indent=2)
-    print(f"step {step}/{config['steps']}: {held_out.words()} = {loss:.4f}; grid: {grid}")
-
-
 def main(argv=None):
     config, checkpoint = load_config(argv)
-    schedule = mask_schedule(config)
+    schedule = relatives.mask_schedule(config)   # first thing: bad ratios fail before any data is encoded
     eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
     if eval_only and not checkpoint:
         raise cli.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")
@@ -299,7 +281,7 @@ def main(argv=None):
     projection, model, optimizer = build_run(config, checkpoint, dist)
     start_step = checkpoint["step"] if checkpoint else 0
     if eval_only:
-        return evaluate(model, projection, config, dist, start_step)
+        return pretraining.evaluate_saved_run(model, projection, config, dist, start_step)
     batches = pretraining.TrainingBatches(config, projection, dist, start_step)
     if config["compile"]:
         devices.compile_transformer_blocks(model)

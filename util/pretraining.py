@@ -14,6 +14,7 @@ from util import checkpoints
 from util import datasets
 from util import devices
 from util import latent_cache
+from util import pictures
 from util import sampling
 from util import vaes
 from util.cli import UserError
@@ -227,3 +228,17 @@ def check_finite(losses, done, non_finite_anywhere, last_saved, out):
         what = f"{losses[bad]} at step {first + bad}"
     raise UserError(f"the loss became {what}; the last good checkpoint (step {last_saved}) is kept in {out}; "
                     "lower --lr or use --precision fp32")
+
+
+def evaluate_saved_run(model, projection, config, dist, step):
+    """train.py --eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights; nothing else."""
+    if not dist.is_main:
+        return
+    held_out = held_out_loss(projection, config, dist.device)
+    loss = held_out(model)
+    grid = pictures.grid_writer(model, projection, config)("eval", step)
+    result = dict(step=step, steps=config["steps"], **held_out.record(loss), eval_images=config["eval_images"],
+                  grid=grid)
+    with open(os.path.join(config["out"], "eval.json"), "w") as file:
+        json.dump(result, file, indent=2)
+    print(f"step {step}/{config['steps']}: {held_out.words()} = {loss:.4f}; grid: {grid}")
