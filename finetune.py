@@ -144,33 +144,6 @@ def resolve_config(flags, checkpoint_path, pretrained):
     return config
 
 
-@torch.no_grad()
-def evaluate(classifier, data, batch_size, dist, autocast):
-    """Top-1 accuracy on un-mirrored images, each process taking every world_size-th one -> fraction in [0, 1]."""
-    classifier.eval()
-    chunks = torch.arange(dist.rank, len(data), dist.world_size).split(batch_size)
-    correct = 0
-    for inputs, labels in data.batches(chunks, [torch.zeros(len(c), dtype=torch.long) for c in chunks]):
-        with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
-            correct += (classifier(inputs).argmax(dim=-1) == labels).sum().item()
-    if dist.enabled:
-        correct = dist.all_gather(torch.tensor([correct])).sum().item()
-    return correct / len(data)
-
-
-@torch.no_grad()
-def throughput(classifier, projection, images, device, autocast, chunk_size=None):
-    """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, latents given). The first is what a
-    user of the classifier pays per raw image; the second is the classifier alone."""
-    classifier.eval()
-    images = images.to(device)
-    encode = lambda: vaes.encode_images(projection, images, autocast, chunk_size)   # noqa: E731
-    latents = encode()
-    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-        return (devices.images_per_second(lambda: classifier(encode()), len(images), device),
-                devices.images_per_second(lambda: classifier(latents), len(images), device))
-
-
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe):
     """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The
     network is the checkpoint's objective's (a relative's encoder reads time 0: relatives/diffusion.py)."""
@@ -244,7 +217,7 @@ def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, aut
         train_loss = loss_sum.item() / steps_per_epoch
         if dist.any(not math.isfinite(train_loss)):   # every rank stops, with the same words, before any save
             raise cli.UserError(f"the loss became non-finite in epoch {epoch + 1}; lower --lr or use --precision fp32")
-        top1 = evaluate(classifier, val_data, config["batch_size"], dist, autocast)
+        top1 = probes.top1_accuracy(classifier, val_data, config["batch_size"], dist, autocast)
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, top1=top1))
         if top1 > best and dist.is_main:   # keep the best epoch's classifier
             checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1,
@@ -296,7 +269,7 @@ def main(argv=None):
         for measured in (False, True):   # written before the optional measurement: nothing is lost if it fails
             if measured:
                 batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
-                with_vae, latents_only = throughput(classifier, projection, batch, dist.device, autocast,
+                with_vae, latents_only = probes.inference_throughput(classifier, projection, batch, dist.device, autocast,
                                                     config["encode_batch_size"])
                 results.update(images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
                                throughput_batch_size=len(batch))

@@ -6,6 +6,7 @@ encoder is frozen, so its features are computed once per image (and per flip) an
   weights exp(similarity / 0.07). No training; deterministic.
 - linear probe (MAE): BatchNorm without affine parameters + a linear layer, SGD with momentum, warm-up then cosine,
   90 epochs. On cached features an epoch is a few matrix products, so the probe converges in seconds.
+And what finetune.py measures of any classifier: its top-1 accuracy, its inference throughput.
 """
 
 import math
@@ -13,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from util import devices
+from util import vaes
 from util.optim import learning_rate
 
 
@@ -144,3 +147,30 @@ def summarise(history):
 def standard_error(top1, count):
     """The binomial standard error of a top-1 measured on `count` images."""
     return math.sqrt(max(top1 * (1 - top1), 1e-12) / count)
+
+
+@torch.no_grad()
+def top1_accuracy(classifier, data, batch_size, dist, autocast):
+    """Top-1 accuracy on un-mirrored images, each process taking every world_size-th one -> fraction in [0, 1]."""
+    classifier.eval()
+    chunks = torch.arange(dist.rank, len(data), dist.world_size).split(batch_size)
+    correct = 0
+    for inputs, labels in data.batches(chunks, [torch.zeros(len(c), dtype=torch.long) for c in chunks]):
+        with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
+            correct += (classifier(inputs).argmax(dim=-1) == labels).sum().item()
+    if dist.enabled:
+        correct = dist.all_gather(torch.tensor([correct])).sum().item()
+    return correct / len(data)
+
+
+@torch.no_grad()
+def inference_throughput(classifier, projection, images, device, autocast, chunk_size=None):
+    """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, latents given). The first is what a
+    user of the classifier pays per raw image; the second is the classifier alone."""
+    classifier.eval()
+    images = images.to(device)
+    encode = lambda: vaes.encode_images(projection, images, autocast, chunk_size)   # noqa: E731
+    latents = encode()
+    with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+        return (devices.images_per_second(lambda: classifier(encode()), len(images), device),
+                devices.images_per_second(lambda: classifier(latents), len(images), device))
