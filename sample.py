@@ -1,7 +1,7 @@
 """
-Generate images from a diffusion run (train.py --objective ddpm, or maskdm) with DDIM, and judge them offline.
+Generate images from a diffusion run (train.py --objective ddpm, maskdm or umd) with DDIM, and judge them offline.
 
-    python sample.py --checkpoint runs/ddpm --out runs/ddpm/samples                   # 500 images, 50 DDIM steps
+    python sample.py --checkpoint runs/ddpm --out runs/ddpm/samples      # 500 images, 50 DDIM steps (UMD: 125, eta 1)
     python sample.py --checkpoint runs/ddpm --out S --num-images 100 --sampling-steps 25 --seed 1
 
 Samples are decoded through the run's frozen VAE (pixels need none). Writes OUT/samples.png (the first 64, with a
@@ -27,9 +27,11 @@ from util import pictures
 from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. 50 DDIM steps (eta 0) is where the prototype's samples stopped improving on digits.
-DEFAULTS = dict(checkpoint=None, out=None, num_images=500, sampling_steps=50, eta=0.0, seed=0, batch_size=250,
+# Defaults, in one block. The sampler's (DDIM steps and eta) are the run's objective's: relatives.SAMPLING_DEFAULTS.
+DEFAULTS = dict(checkpoint=None, out=None, num_images=500, sampling_steps=None, eta=None, seed=0, batch_size=250,
                 grid_images=64, device="auto", judge=True)
+SAMPLER_HELP = "; ".join(f"{objective}: {sampler['sampling_steps']} steps, eta {sampler['eta']:g}"
+                         for objective, sampler in relatives.SAMPLING_DEFAULTS.items())
 
 
 def build_parser():
@@ -38,9 +40,9 @@ def build_parser():
                         "checkpoint.pt) of a diffusion objective")
     parser.add_argument("--out", required=True, metavar="DIR", help="where samples.png and generation.json go")
     parser.add_argument("--num-images", type=int, help="images to generate and judge (default: %(default)s)")
-    parser.add_argument("--sampling-steps", type=int, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--sampling-steps", type=int, help=f"DDIM steps (default: the objective's; {SAMPLER_HELP})")
     parser.add_argument("--eta", type=float, help="DDIM eta: 0 deterministic, 1 DDPM-like noise at each step "
-                                                  "(default: %(default)s)")
+                                                  "(default: the objective's, as for --sampling-steps)")
     parser.add_argument("--seed", type=int, help="seed of the starting noise (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="images sampled at once (default: %(default)s)")
     parser.add_argument("--grid-images", type=int, help="images in OUT/samples.png (default: %(default)s)")
@@ -82,10 +84,12 @@ def generate(model, projection, flags, device):
 def main(argv=None):
     flags = build_parser().parse_args(argv)
     for flag in ("num_images", "sampling_steps", "batch_size", "grid_images"):
-        if getattr(flags, flag) < 1:
+        if getattr(flags, flag) is not None and getattr(flags, flag) < 1:
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(flags, flag)})")
     device = devices.select_device(flags.device)
     config, step, model, projection = load_run(flags.checkpoint, device)
+    for flag, value in relatives.SAMPLING_DEFAULTS[config["objective"]].items():   # the sampler not given: the run's
+        setattr(flags, flag, value if getattr(flags, flag) is None else getattr(flags, flag))
     started = time.time()
     samples = generate(model, projection, flags, device)
     seconds = time.time() - started

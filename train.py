@@ -1,6 +1,6 @@
 """
 LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive mask ratio; or one of its diffusion
-relatives (relatives/): --objective ddpm (plain diffusion), --objective maskdm (MaskDM's masked pretraining).
+relatives (relatives/): --objective ddpm (plain diffusion), maskdm (MaskDM's masked pretraining) or umd (UMD).
 
     python train.py --scheduler cosine                                  # CIFAR-10, SD VAE, one GPU or CPU
     python train.py --objective ddpm --dataset digits --vae VAE --model tiny --steps 3000 --out R   # then sample.py

@@ -25,14 +25,21 @@ LMD_HELD_OUT_RATIO = 0.75               # LMD's held-out loss is measured at MAE
 # The diffusion objectives' training defaults where they differ from LMD's (train.py's): small batches and no
 # weight decay, as DiT; peak lr 2e-3 at batch 64 (ddpm tiny on the digits' VAE latents, 3000 steps, min-SNR-5:
 # fd_normalised 0.31 at lr 1e-3, 0.21 at 2e-3; plain eps-MSE 0.56 at 1e-3, 0.36 at 2e-3, 0.38 at 4e-3). MaskDM's
-# ratio 0.75 in blocks of 2 x 2 tokens keeps one block of four on a 4 x 4 token grid.
+# ratio 0.75 in blocks of 2 x 2 tokens keeps one block of four on a 4 x 4 token grid. UMD's batch of 128 is two
+# halves of 64, so that its noised half is ddpm's batch (peak lr 4e-3 by the same base lr; docs/family.md: at batch
+# 64, 32 noised images a step, its samples after 3000 steps fail the bar).
 TRAINING_DEFAULTS = {
     "ddpm": dict(batch_size=64, base_lr=8e-3, weight_decay=0.0, normalize_targets=False),
     "maskdm": dict(batch_size=64, base_lr=8e-3, weight_decay=0.0, normalize_targets=False,
                    mask_ratio=0.75),
-    "umd": dict(batch_size=64, base_lr=8e-3, weight_decay=0.0, normalize_targets=False,
+    "umd": dict(batch_size=128, base_lr=8e-3, weight_decay=0.0, normalize_targets=False,
                 mask_ratio=0.375),
 }
+# How sample.py samples each objective unless told: DDIM, 50 steps, eta 0; UMD as its paper does, 125 steps with
+# eta 1 (on the digits 0.09 to 0.18 lower fd_normalised than 50 steps with eta 0, in each of its runs measured in
+# docs/family.md).
+SAMPLING_DEFAULTS = {"ddpm": dict(sampling_steps=50, eta=0.0), "maskdm": dict(sampling_steps=50, eta=0.0),
+                     "umd": dict(sampling_steps=125, eta=1.0)}
 # The flags only some objectives read (train.py refuses them for the others): LMD's curriculum, MaskDM's blocks,
 # UMD's clean half, the diffusion objectives' loss weighting, and the mask ratio that plain diffusion never uses.
 OWN_FLAGS = {

@@ -13,6 +13,7 @@ import sample
 import train
 from relatives import diffusion
 from util import checkpoints
+from util import cli
 from util import pictures
 from conftest import tiny_flags
 
@@ -216,3 +217,19 @@ def test_sample_script_samples_a_umd_run(runs, tmp_path):
     sample.main(["--checkpoint", str(runs / "umd_ft"), "--out", str(tmp_path), "--num-images", "4",
                  "--sampling-steps", "2", "--no-judge", "--device", "cpu"])
     assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("run, given, expected", [("umd", [], (125, 1.0)), ("ddpm", [], (50, 0.0)),
+                                                  ("umd", ["--sampling-steps", "3", "--eta", "0"], (3, 0.0))])
+def test_sample_script_uses_the_objectives_sampler_unless_told(runs, tmp_path, monkeypatch, run, given, expected):
+    samplers = []
+
+    def recording_sampler(model, projection, count, steps, eta, generator, device):
+        samplers.append((steps, eta))
+        return torch.zeros(count, 3, 32, 32)
+    monkeypatch.setattr(diffusion, "sample_images", recording_sampler)
+    sample.main(["--checkpoint", str(runs / run), "--out", str(tmp_path), "--num-images", "2", "--no-judge",
+                 "--device", "cpu", *given])
+    assert samplers == [expected]
+    with pytest.raises(cli.UserError, match="sampling-steps must be at least 1"):
+        sample.main(["--checkpoint", str(runs / run), "--out", str(tmp_path), "--sampling-steps", "0"])

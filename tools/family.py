@@ -84,7 +84,7 @@ def build_parser():
     parser.add_argument("--rows", help=f"comma-separated, of {', '.join(ROWS)} (default: %(default)s)")
     parser.add_argument("--linprobe-epochs", type=int, help="epochs of each linear probe (default: %(default)s)")
     parser.add_argument("--num-images", type=int, help="samples judged per generative run (default: %(default)s)")
-    parser.add_argument("--sampling-steps", type=int, help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--sampling-steps", type=int, help="DDIM steps, eta 0, for every row (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
     parser.add_argument("--out", help="runs directory (default: %(default)s)")
     parser.add_argument("--docs", help="where family.md and its figures go (default: OUT)")
@@ -154,7 +154,7 @@ def run_row(args, row, seed):
     if stages[-1][0] in relatives.GENERATIVE:
         samples = os.path.join(directory, "samples")
         result = sample.main(["--checkpoint", previous, "--out", samples, "--num-images", str(args.num_images),
-                              "--sampling-steps", str(args.sampling_steps), "--seed", str(seed),
+                              "--sampling-steps", str(args.sampling_steps), "--eta", "0", "--seed", str(seed),
                               "--device", args.device])
         record.update(fd_normalised=result["fd_normalised"], fd=result["fd"], floor=result["floor"],
                       ceiling=result["ceiling"], classes_present=result["classes_present"],
@@ -233,10 +233,11 @@ def write_docs(args, argv, records, machine):
             grids.append(f"**{LABELS[row]}** (seed {first['seed']}):\n\n![{LABELS[row]} samples]({name})\n")
     plot(records, os.path.join(args.docs, "family.png"))
     generative = next((r for r in records if "fd_normalised" in r), None)
-    judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps) per run, judged "
-                  f"by util.judge (its classifier {generative['judge_val_accuracy']:.1%} accurate on the validation "
-                  f"split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor {generative['floor']:.2f}, "
-                  f"ceiling {generative['ceiling']:.2f}. Classes present: those given at least 1% of the samples."
+    judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
+                  f"judged by util.judge (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
+                  f"validation split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor "
+                  f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}. Classes present: those given at "
+                  "least 1% of the samples."
                   if generative else "")
     text = [
         f"# The family on {args.dataset}, side by side\n",
