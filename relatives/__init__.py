@@ -36,7 +36,7 @@ TRAINING_DEFAULTS = {
                 mask_ratio=0.375),
 }
 # How sample.py samples each objective unless told: DDIM, 50 steps, eta 0; UMD as its paper does, 125 steps with
-# eta 1 (on the digits 0.09 to 0.18 lower fd_normalised than 50 steps with eta 0, in each of its runs measured in
+# eta 1 (on the digits 0.08 to 0.18 lower fd_normalised than 50 steps with eta 0, in each of its runs measured in
 # docs/family.md).
 SAMPLING_DEFAULTS = {"ddpm": dict(sampling_steps=50, eta=0.0), "maskdm": dict(sampling_steps=50, eta=0.0),
                      "umd": dict(sampling_steps=125, eta=1.0)}

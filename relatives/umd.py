@@ -13,7 +13,8 @@ relatives/diffusion.py's (the noise schedule, adaLN-Zero time conditioning in en
 only says which tokens each half sees and on which each head is scored. What reads the model afterwards:
 - the probes (finetune.py) read the encoder at model time 0, with no noise and no mask: lmd.LatentClassifier calls
   encode_tokens without a time, which diffusion.DiffusionViT takes as clean;
-- sample.py samples with the eps head (diffusion.DiffusionViT.predict_eps, every token seen);
+- sample.py samples with the eps head (diffusion.DiffusionViT.predict_eps, every token seen), by the paper's DDIM (125
+  steps, eta 1: relatives.SAMPLING_DEFAULTS);
 - generation fine-tuning, as in the paper: train.py --objective umd --init RUN --mask-ratio 0 --clean-share 0.05.
 
 Differences from the paper's code (JAX): one class token and no register tokens (lmd's encoder); the tokens are
