@@ -88,8 +88,9 @@ def main(argv=None):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(flags, flag)})")
     device = devices.select_device(flags.device)
     config, step, model, projection = load_run(flags.checkpoint, device)
-    for flag, value in relatives.SAMPLING_DEFAULTS[config["objective"]].items():   # the sampler not given: the run's
-        setattr(flags, flag, value if getattr(flags, flag) is None else getattr(flags, flag))
+    for flag, value in relatives.SAMPLING_DEFAULTS[config["objective"]].items():
+        if getattr(flags, flag) is None:   # not given: the run's objective's sampler
+            setattr(flags, flag, value)
     started = time.time()
     samples = generate(model, projection, flags, device)
     seconds = time.time() - started

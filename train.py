@@ -1,17 +1,14 @@
-"""
-LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive mask ratio; or one of its diffusion
+"""LMD pretraining: a masked autoencoder on frozen-VAE latents with a progressive mask ratio; or one of its diffusion
 relatives (relatives/): --objective ddpm (plain diffusion), maskdm (MaskDM's masked pretraining) or umd (UMD).
 
     python train.py --scheduler cosine                                  # CIFAR-10, SD VAE, one GPU or CPU
     python train.py --objective ddpm --dataset digits --vae VAE --model tiny --steps 3000 --out R   # then sample.py
-    python train.py --objective ddpm --init runs/maskdm ...             # fine-tune an earlier run with no mask
     python train.py --dataset synthetic --vae tiny --steps 100          # offline, no download at all
     torchrun --nproc_per_node=8 train.py --dataset imagefolder --data-dir /data/imagenet --model base
     python train.py --resume runs/lmd                                   # continue an interrupted run exactly
 
-Writes OUT/config.json, OUT/metrics.jsonl (one JSON object per logged step), OUT/checkpoint.pt, grids
-OUT/grid_*.png (LMD: reconstructions; diffusion objectives: samples), OUT/curves.png and, at the end,
-OUT/summary.json.
+Writes OUT/config.json, OUT/metrics.jsonl (a JSON object per logged step), OUT/checkpoint.pt, OUT/grid_*.png
+(LMD: reconstructions; diffusion: samples), OUT/curves.png and, at the end, OUT/summary.json.
 """
 
 import argparse
@@ -65,11 +62,9 @@ def build_parser():
             kwargs["help"] += f" (default: {show(DEFAULTS[key])}{others})"
         parser.add_argument(flag, **kwargs)
 
-    add("--objective", choices=relatives.OBJECTIVES, help="what to train: 'lmd' (the masked autoencoder), 'ddpm' "
-        "(diffusion: the same ViT with no mask, eps target, cosine betas, T = 1000), 'maskdm' (MaskDM stage 1: "
-        "block masks, eps loss on the visible tokens only; stage 2 is --objective ddpm --init RUN), 'umd' (UMD: "
-        "a clean MAE half and a noised half with eps and x0 heads; generation fine-tuning: --objective umd --init RUN "
-        "--mask-ratio 0 --clean-share 0.05)")
+    add("--objective", choices=relatives.OBJECTIVES, help="'lmd' (the masked autoencoder), 'ddpm' (diffusion, no "
+        "mask), 'maskdm' (MaskDM stage 1; stage 2: --objective ddpm --init RUN), 'umd' (UMD; its generation "
+        "fine-tuning: --objective umd --init RUN --mask-ratio 0 --clean-share 0.05)")
     add("--init", metavar="RUN", help="start from the weights of an earlier run (LMD: its encoder; ddpm or "
                                       "MaskDM: every weight that fits), e.g. --objective ddpm --init MASKDM_RUN")
     add("--block-size", type=int, help="MaskDM: side of the square blocks of tokens that are masked together "
@@ -128,20 +123,18 @@ def build_parser():
     add("--eval-images", type=int, help="validation images for the held-out masked-token loss at ratio 0.75 "
                                         "(at every grid and at the end)")
     add("--resume", metavar="RUN", help="continue the run in this directory (or checkpoint file) exactly")
-    add("--grid-every", type=int, metavar="N", help="write OUT/grid_stepNNNNNN.png (reconstructions of 8 fixed "
-        "validation images) and the held-out loss (metrics.jsonl) every N steps, and OUT/grid_final.png at the "
-        "end; 0 disables the periodic grids")
+    add("--grid-every", type=int, metavar="N", help="write OUT/grid_stepNNNNNN.png (8 fixed validation images "
+        "reconstructed, or samples) and the held-out loss every N steps, OUT/grid_final.png at the end; 0: none")
     add("--eval-only", action="store_true", help="with --resume RUN: write RUN/grid_eval.png and RUN/eval.json "
-        "(held-out masked-token loss at ratio 0.75) and exit; trains nothing, leaves the checkpoint untouched")
+        "(the held-out loss) and exit; trains nothing, leaves the checkpoint untouched")
     add("--stop-after-step", type=int, metavar="STEP", help="save and stop after this step, as if interrupted "
         "(to split a long run into jobs that fit a time limit); continue with --resume")
     return parser
 
 
 def parse_flags(argv=None):
-    """-> (all flags with defaults filled in, the objective's own defaults over LMD's; the set of flags given).
-    Local paths of the data and the VAE are made absolute: the run's config (and finetune.py) then finds them, and
-    one latent cache, from anywhere."""
+    """-> (all flags, the objective's own defaults over LMD's; the set of flags given). Local data and VAE paths are
+    made absolute, so that the run's config (and finetune.py) finds them, and one latent cache, from anywhere."""
     given = vars(build_parser().parse_args(argv))
     objective = given.get("objective", DEFAULTS["objective"])
     flags = {**DEFAULTS, **relatives.TRAINING_DEFAULTS.get(objective, {}), **given}
@@ -186,11 +179,10 @@ def build_run(config, checkpoint, dist):
     config["vae_provenance"] = checkpoint["config"].get("vae_provenance") if checkpoint else projection.provenance
     model = checkpoints.build_model(config, projection)
     if config["init"] and not checkpoint:   # a resumed run has its weights already
-        config["init_from"] = checkpoints.load_init(model, config["init"], config)
+        init = config["init_from"] = checkpoints.load_init(model, config["init"], config)
         if dist.is_main:
-            print(f"--init: {config['init_from']['tensors_loaded']} tensors from {config['init']} "
-                  f"({config['init_from']['objective']}, step {config['init_from']['step']}); fresh: "
-                  f"{', '.join(config['init_from']['fresh_parts']) or 'nothing'}", file=sys.stderr)
+            print(f"--init: {init['tensors_loaded']} tensors from {config['init']} ({init['objective']}, step "
+                  f"{init['step']}); fresh: {', '.join(init['fresh_parts']) or 'nothing'}", file=sys.stderr)
     model = model.to(dist.device)
     optimizer = torch.optim.AdamW(optim.parameter_groups(model, config["weight_decay"]), lr=config["lr"],
                                   betas=(0.9, 0.95), fused=dist.device.type in ("cuda", "cpu"))
@@ -203,14 +195,10 @@ def build_run(config, checkpoint, dist):
 
 def train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop, held_out,
                 save_grid):
-    """The training loop. Returns the step it ended at (config["steps"] unless stopped early).
-
-    The losses are read on the host only at logged, saved and grid steps, all those since the last read in one
-    transfer, and each batch is prepared before the host waits for the previous step, so the CPU works while the GPU
-    computes. Under torchrun one all-reduce at each of those steps (not at every step: it waits for the GPU) tells
-    every rank whether any was signalled or saw a non-finite loss since the last, so all stop, or fail, at the same
-    step; a stop request waits for it, at most --log-every - 1 steps.
-    """
+    """The training loop. -> the step it ended at (config["steps"] unless stopped early). The losses reach the host
+    only at logged, saved and grid steps, in one transfer, and each batch is prepared before the host waits for the
+    last step. Under torchrun one all-reduce at those steps tells every rank whether any was signalled or saw a
+    non-finite loss, so all stop, or fail, at the same step (a stop waits at most --log-every - 1 steps)."""
     from tqdm import tqdm
     autocast = devices.autocast_dtype(config["precision"], dist.device)
     checkpoint_path, metrics_path = (os.path.join(config["out"], name) for name in ("checkpoint.pt", "metrics.jsonl"))
@@ -276,8 +264,7 @@ def main(argv=None):
     dist = devices.Distributed(config["device"])
     if config["batch_size"] % dist.world_size:
         raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
-    if dist.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = dist.device.type == "cuda"   # TF32
     projection, model, optimizer = build_run(config, checkpoint, dist)
     start_step = checkpoint["step"] if checkpoint else 0
     if eval_only:
@@ -293,11 +280,9 @@ def main(argv=None):
     with pretraining.StopRequest() as stop:
         step = train_steps(config, schedule, model, train_model, optimizer, batches, dist, start_step, stop,
                            held_out, save_grid)
-    if step < config["steps"]:
-        if dist.is_main:
-            print(f"stopped after step {step}; continue with: python train.py --resume {config['out']}",
-                  file=sys.stderr)
-    elif dist.is_main:
+    if step < config["steps"] and dist.is_main:
+        print(f"stopped after step {step}; continue with: python train.py --resume {config['out']}", file=sys.stderr)
+    elif step == config["steps"] and dist.is_main:
         loss = held_out(model)
         summary = dict(step=step, **held_out.record(loss), minutes_this_session=(time.time() - started) / 60)
         with open(os.path.join(config["out"], "summary.json"), "w") as file:
