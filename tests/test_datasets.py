@@ -36,32 +36,76 @@ def test_digit_sets_are_never_flipped():
     assert datasets.default_augment("imagefolder", cached=False) == "full"
 
 
-def write_idx(path, array, kind):
-    """A gzip-less idx file as torchvision reads it: magic (type, dims), sizes, then the bytes."""
+def write_idx(path, array, gzipped=False):
+    """An idx file as the MNIST sites ship it: magic (0x08 = unsigned bytes, number of sizes), sizes, the bytes."""
+    import gzip
     header = struct.pack(">I", (0x08 << 8) | array.dim()) + b"".join(struct.pack(">I", n) for n in array.shape)
-    path.write_bytes(header + array.to(torch.uint8).numpy().tobytes())
+    data = header + array.to(torch.uint8).numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if gzipped else data)
 
 
+def write_split_files(folder, split="t10k", count=4, first_label=0, gzipped=False):
+    """Tiny idx files for one split: image i is black with an 8 x 8 square of grey 40 + 20 * label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = (torch.arange(count) + first_label) % 10
+    images = torch.zeros(count, 28, 28)
+    images[:, 10:18, 10:18] = labels.view(-1, 1, 1) * 20 + 40        # brightness says the label
+    suffix = ".gz" if gzipped else ""
+    write_idx(folder / f"{split}-images-idx3-ubyte{suffix}", images, gzipped)
+    write_idx(folder / f"{split}-labels-idx1-ubyte{suffix}", labels, gzipped)
+    return labels
+
+
+@pytest.fixture
+def no_system_folder(tmp_path, monkeypatch):
+    """Hide the Debian package's folder (installed on some machines) behind an empty path of the test's own."""
+    folders = {name: str(tmp_path / "system" / name) for name in datasets.SYSTEM_FOLDERS}
+    monkeypatch.setattr(datasets, "SYSTEM_FOLDERS", folders)
+    return folders
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
 @pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
-def test_mnist_loads_from_local_raw_files_without_network(tmp_path, dataset, folder):
+def test_mnist_loads_from_local_raw_files_without_network(tmp_path, no_system_folder, dataset, folder, gzipped):
     raw = tmp_path / folder / "raw"
-    raw.mkdir(parents=True)
-    for split, count in (("train", 6), ("t10k", 4)):
-        images = torch.zeros(count, 28, 28)
-        images[:, 10:18, 10:18] = torch.arange(count).view(-1, 1, 1) * 20 + 40    # brightness says the label
-        write_idx(raw / f"{split}-images-idx3-ubyte", images, "images")
-        write_idx(raw / f"{split}-labels-idx1-ubyte", torch.arange(count), "labels")
+    write_split_files(raw, "train", 6, gzipped=gzipped)
+    write_split_files(raw, "t10k", 4, gzipped=gzipped)
     source = datasets.load_image_source(dataset, str(tmp_path), "val", 32)
     images = datasets.ImageDataset(source, 32)
     image, label = images[3]
-    assert len(images) == 4 and image.shape == (3, 32, 32) and label == 3
+    assert len(images) == 4 and image.shape == (3, 32, 32) and label == 3 and source.targets == [0, 1, 2, 3]
     assert image[:, :2].abs().sum() == 0                                   # padded by 2 px of black
-    assert abs(image[0, 14:20, 14:20].mean().item() - (3 * 20 + 40) / 255) < 0.01
+    assert image[:, 12:20, 12:20].eq((3 * 20 + 40) / 255).all() and image[:, 11].sum() == 0   # the square, exactly
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])      # grey, made RGB
+    names = torchvision_classes(dataset)
+    assert source.classes == names and len(datasets.load_image_source(dataset, str(tmp_path), "train", 32)) == 6
+
+
+def torchvision_classes(dataset):
+    import torchvision
+    return list((torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST).classes)
+
+
+def test_mnist_lookup_order_data_dir_then_system_folder_then_raw_folder(tmp_path, no_system_folder):
+    """DATA_DIR itself (a folder of the four files, as --data-dir /usr/share/datasets/fashion-mnist), then the
+    package's folder, then DATA_DIR/FashionMNIST/raw: each holds other labels, so the labels say which was read."""
+    data, system = tmp_path / "data", tmp_path / "system" / "fashion-mnist"
+    write_split_files(data / "FashionMNIST" / "raw", first_label=3)
+    write_split_files(system, first_label=2, gzipped=True)
+    write_split_files(data, first_label=1, gzipped=True)
+    first_labels = []
+    for remove in (data / "t10k-images-idx3-ubyte.gz", system / "t10k-labels-idx1-ubyte.gz", None):
+        source = datasets.load_image_source("fashion-mnist", str(data), "val", 32)
+        first_labels.append(source.targets[0])
+        if remove:
+            remove.unlink()          # one missing file of a pair: that folder no longer counts
+    assert first_labels == [1, 2, 3]
 
 
 @pytest.mark.parametrize("dataset, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST"),
                                              ("cifar10", "cifar-10-batches-py")])
-def test_offline_download_error_names_the_folder_and_the_offline_sets(tmp_path, monkeypatch, dataset, folder):
+def test_offline_download_error_names_the_folder_and_the_offline_sets(tmp_path, monkeypatch, no_system_folder,
+                                                                      dataset, folder):
     import torchvision.datasets.utils as utils
 
     def offline(*args, **kwargs):
@@ -78,6 +122,77 @@ def test_offline_download_error_names_the_folder_and_the_offline_sets(tmp_path, 
     message = str(error.value)
     assert os.path.join(str(tmp_path), folder) in message and "\n" not in message
     assert "--dataset digits --vae none" in message and "--dataset synthetic --vae tiny" in message
+    if dataset != "cifar10":   # all three places: the package's folder, the raw folder, the download
+        assert no_system_folder[dataset] in message and "network is unreachable" in message
+        assert os.path.join(str(tmp_path), folder, "raw") in message and "train-images-idx3-ubyte" in message
+        assert ("apt-get install dataset-fashion-mnist" in message) == (dataset == "fashion-mnist")
+
+
+def write_bytes_as(path, data, gzipped):
+    import gzip
+    path.write_bytes(gzip.compress(data) if gzipped else data)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda images: b"\x00\x00\x08\x01" + images[4:], "magic 2049, expected 2051"),    # a labels file's magic
+    (lambda images: images[:-5], "truncated or corrupt"),
+    (lambda images: images + b"\x00", "truncated or corrupt"),
+    (lambda images: images[:10], "10 bytes, a header is 16"),
+    (lambda images: b"", "magic none"),
+    (lambda images: images[:-28 * 28], "holds 3 images but"),                            # a consistent file of 3
+])
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_corrupt_idx_file_is_a_one_line_error(tmp_path, no_system_folder, damage, message, gzipped):
+    raw = tmp_path / "MNIST" / "raw"
+    write_split_files(raw)
+    images = (raw / "t10k-images-idx3-ubyte").read_bytes()
+    if message.startswith("holds"):             # the header says 3 images, the labels file 4
+        images = images[:4] + struct.pack(">I", 3) + images[8:]
+    (raw / "t10k-images-idx3-ubyte").unlink()
+    write_bytes_as(raw / ("t10k-images-idx3-ubyte" + (".gz" if gzipped else "")), damage(images), gzipped)
+    with pytest.raises(cli.UserError, match=message) as error:
+        datasets.load_image_source("mnist", str(tmp_path), "val", 32)
+    assert "\n" not in str(error.value) and "t10k-images-idx3-ubyte" in str(error.value)
+
+
+def test_a_truncated_gzip_file_is_a_one_line_error(tmp_path, no_system_folder):
+    raw = tmp_path / "MNIST" / "raw"
+    write_split_files(raw, gzipped=True)
+    packed = raw / "t10k-images-idx3-ubyte.gz"
+    packed.write_bytes(packed.read_bytes()[:-20])
+    with pytest.raises(cli.UserError, match="not a readable gzip file"):
+        datasets.load_image_source("mnist", str(tmp_path), "val", 32)
+
+
+def test_mnist_provenance_follows_the_content_not_the_gzip(tmp_path, no_system_folder):
+    """The latent cache's key: the same images gzipped or not are one set; one changed pixel is another."""
+    def provenance(folder):
+        return datasets.load_image_source("fashion-mnist", str(folder), "val", 32).provenance
+    write_split_files(tmp_path / "plain" / "FashionMNIST" / "raw")
+    write_split_files(tmp_path / "packed" / "FashionMNIST" / "raw", gzipped=True)
+    changed = tmp_path / "changed" / "FashionMNIST" / "raw"
+    write_split_files(changed)
+    images = bytearray((changed / "t10k-images-idx3-ubyte").read_bytes())
+    images[-1] = 255                                                  # one pixel of the last image
+    (changed / "t10k-images-idx3-ubyte").write_bytes(bytes(images))
+    plain = provenance(tmp_path / "plain")
+    assert plain == provenance(tmp_path / "packed") and plain != provenance(tmp_path / "changed")
+    assert plain["count"] == 4 and len(plain["sha256"]) == 16
+    expected = latent_cache.cache_provenance("fashion-mnist", "val", lmd.load_projection("none"), 32,
+                                             datasets.load_image_source("fashion-mnist", str(tmp_path / "changed"),
+                                                                        "val", 32))
+    assert expected["data"]["sha256"] != plain["sha256"]             # what a cache is checked against
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"), reason="dataset-fashion-mnist absent")
+def test_the_debian_package_is_read_with_the_default_data_dir(tmp_path):
+    """The real package (apt-get install dataset-fashion-mnist), whose gzip files torchvision's MD5 check refuses."""
+    source = datasets.load_image_source("fashion-mnist", str(tmp_path / "data"), "val", 32)
+    assert len(source) == 10_000 and source.root == "/usr/share/datasets/fashion-mnist"
+    assert torch.bincount(torch.tensor(source.targets)).tolist() == [1000] * 10
+    assert source.classes[0] == "T-shirt/top" and source.classes[9] == "Ankle boot"
+    image, _ = datasets.ImageDataset(source, 32)[0]
+    assert image.shape == (3, 32, 32) and image.max() > 0.9 and image[:, :2].sum() == 0
 
 
 @pytest.mark.parametrize("image_size, downsample, patch, tokens", [

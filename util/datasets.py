@@ -1,5 +1,6 @@
 """Images for pretraining and classification: CIFAR, MNIST, digits, image folders and a procedural smoke-test set."""
 
+import functools
 import hashlib
 import math
 import os
@@ -140,18 +141,129 @@ class Digits(torch.utils.data.Dataset):
         return self.images[index], self.targets[index]
 
 
-def load_mnist(dataset, data_dir, split):
-    """MNIST or Fashion-MNIST through torchvision: 28 px grey, padded to 32 px (ImageDataset makes it RGB).
+# Where a system package puts the four gzipped idx files. Debian ships Fashion-MNIST as dataset-fashion-mnist; it has
+# no MNIST package (`apt-cache search mnist` on Debian 13 lists only that one), so the MNIST folder is the same
+# convention, read when someone copies the files there by hand.
+SYSTEM_FOLDERS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
+SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
+RAW_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}   # torchvision's DATA_DIR/<name>/raw
+IDX_PREFIX = {"train": "train", "val": "t10k"}
+IDX_IMAGES, IDX_LABELS = (2051, 3), (2049, 1)   # idx magic (0x08 = unsigned bytes, then the number of sizes), sizes
 
-    Reads DATA_DIR/MNIST/raw (or FashionMNIST/raw) when the files are there, with no network; downloads otherwise.
+
+def idx_files(folder, split):
+    """The (images, labels) idx paths of `split` in `folder`, gzipped or not, or None if either is missing."""
+    found = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = os.path.join(folder, f"{IDX_PREFIX[split]}-{kind}-ubyte")
+        found.append(next((path for path in (name, name + ".gz") if os.path.isfile(path)), None))
+    return tuple(found) if all(found) else None
+
+
+def read_idx_bytes(path):
+    """The decompressed bytes of an idx file: gzip is recognised by its first two bytes, not by the file name."""
+    import gzip
+    import zlib
+    with open(path, "rb") as file:
+        data = file.read()
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:   # BadGzipFile is an OSError; a truncated one ends early
+        raise UserError(f"{path} is not a readable gzip file ({error}); download or copy it again") from None
+
+
+def parse_idx(data, path, kind):
+    """idx bytes -> uint8 tensor of the sizes in the header: [N, rows, cols] for IDX_IMAGES, [N] for IDX_LABELS.
+
+    The header is a big-endian int32 magic (2051 images, 2049 labels), one big-endian int32 per size, then the
+    bytes. A wrong magic or a length other than the sizes' product is a clear error, never a misread tensor.
+    """
+    magic, dims = kind
+    head = 4 * (1 + dims)
+    found = int.from_bytes(data[:4], "big") if len(data) >= 4 else "none"
+    if len(data) < head or found != magic:
+        what = f"magic {found}, expected {magic}" if found != magic else f"{len(data)} bytes, a header is {head}"
+        raise UserError(f"{path} is not an idx file of {'images' if dims == 3 else 'labels'} ({what}); download "
+                        "or copy it again")
+    sizes = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims)]
+    if len(data) - head != math.prod(sizes):
+        raise UserError(f"{path} is truncated or corrupt: its header promises {' x '.join(map(str, sizes))} = "
+                        f"{math.prod(sizes):,} bytes, it holds {len(data) - head:,}; download or copy it again")
+    return torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).view(*sizes)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_split(images_path, labels_path, stamp):
+    """(images [N, rows, cols] uint8, labels [N] uint8, SHA-256 of both decompressed files). `stamp` (sizes and
+    modification times) only keys the cache: a run opens each split several times (training, judge, grids)."""
+    images_bytes, labels_bytes = read_idx_bytes(images_path), read_idx_bytes(labels_path)
+    images = parse_idx(images_bytes, images_path, IDX_IMAGES)
+    labels = parse_idx(labels_bytes, labels_path, IDX_LABELS)
+    if len(images) != len(labels):
+        raise UserError(f"{images_path} holds {len(images):,} images but {labels_path} {len(labels):,} labels; "
+                        "the two files must come from the same split")
+    if len(labels) and labels.max() > 9:
+        raise UserError(f"{labels_path} has label {labels.max().item()}; MNIST and Fashion-MNIST have 10 classes")
+    # The digest is of the content (decompressed), so a re-gzipped copy reuses a latent cache and other images never do.
+    digest = hashlib.sha256(images_bytes)
+    digest.update(labels_bytes)
+    return images, labels, digest.hexdigest()
+
+
+class IdxImages(torch.utils.data.Dataset):
+    """MNIST-style idx files as images [3, S+4, S+4] in [0, 1]: 28 px grey padded by 2 px of black to 32 px (as
+    torchvision's Pad(2) did), made RGB; `.classes` are torchvision's names, `.targets` a list of ints."""
+
+    def __init__(self, images_path, labels_path, classes):
+        stamp = tuple((os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in (images_path, labels_path))
+        self.images, labels, self.sha256 = _read_split(images_path, labels_path, stamp)
+        self.targets, self.classes = labels.tolist(), list(classes)
+        self.root = os.path.dirname(images_path)
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        image = F.pad(self.images[index].float().div(255), (2, 2, 2, 2))
+        return image.expand(3, -1, -1).clone(), self.targets[index]   # a copy: transforms may write in place
+
+
+def load_mnist(dataset, data_dir, split):
+    """MNIST or Fashion-MNIST as an IdxImages, from the first place that holds the split's two idx files:
+
+    DATA_DIR itself (a folder of the four files, e.g. --data-dir /usr/share/datasets/fashion-mnist), the system
+    package's folder (SYSTEM_FOLDERS), then DATA_DIR/FashionMNIST/raw (or MNIST/raw) gzipped or not whatever their
+    MD5, and last torchvision's download into that raw folder. The files are read here, not by torchvision, whose
+    MD5 check refuses Debian's re-gzipped copies of the same content.
     """
     import torchvision
-    from torchvision import transforms
     cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
+    raw = os.path.join(data_dir, RAW_FOLDERS[dataset], "raw")
+    for folder in (data_dir, SYSTEM_FOLDERS[dataset], raw):
+        if (found := idx_files(folder, split)) is not None:
+            return IdxImages(*found, cls.classes)
     try:
-        return cls(data_dir, train=(split == "train"), download=True, transform=transforms.Pad(2))
+        cls(data_dir, train=(split == "train"), download=True)   # leaves the files in `raw`, gunzipped
     except Exception as error:
-        raise download_error(dataset, data_dir, error, os.path.join(cls.__name__, "raw")) from None
+        raise not_found_error(dataset, data_dir, split, raw, error) from None
+    if (found := idx_files(raw, split)) is None:
+        raise not_found_error(dataset, data_dir, split, raw, FileNotFoundError(f"nothing in {raw} after download"))
+    return IdxImages(*found, cls.classes)
+
+
+def not_found_error(dataset, data_dir, split, raw, error):
+    """The one-line error when no place has the files: the three places looked in, and the offline ways out."""
+    from util.vaes import OFFLINE_WAY_OUT
+    system = SYSTEM_FOLDERS[dataset]
+    package = (f"apt-get install {SYSTEM_PACKAGES[dataset]}" if dataset in SYSTEM_PACKAGES
+               else "no Debian package ships it: copy the files there")
+    return UserError(f"could not find {dataset}'s {IDX_PREFIX[split]}-images-idx3-ubyte[.gz] and "
+                     f"{IDX_PREFIX[split]}-labels-idx1-ubyte[.gz] in (1) {system} ({package}), nor (2) {raw} (any "
+                     f"MD5) or {data_dir} itself, and (3) could not download {dataset} ({type(error).__name__}: "
+                     f"{str(error).splitlines()[0] if str(error) else ''}). Offline? Do (1) or (2), or "
+                     f"{OFFLINE_WAY_OUT}")
 
 
 def download_error(dataset, data_dir, error, folder):
@@ -255,13 +367,16 @@ def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000)
 
 def source_provenance(dataset, source, synthetic_size):
     """What identifies the images of a source: a version and split seed for generated and shipped sets, the
-    size of the synthetic set, and for an image folder a fingerprint of its file list (names, sizes, times)."""
+    size of the synthetic set, a digest of the idx files' content for MNIST and Fashion-MNIST, and for an image
+    folder a fingerprint of its file list (names, sizes, times)."""
     if dataset in SOURCE_VERSIONS:
         record = dict(version=SOURCE_VERSIONS[dataset], count=len(source))
         if dataset == "digits":
             record.update(split_seed=DIGITS_SPLIT_SEED, val_fraction=DIGITS_VAL_FRACTION)
         if dataset == "synthetic":
             record.update(seed=source.seed, synthetic_size=synthetic_size)
+        if dataset in ("mnist", "fashion-mnist"):
+            record.update(sha256=source.sha256[:16])   # the files' content: other files never reuse a cache
         return record
     if dataset == "imagefolder":
         digest = hashlib.sha1()
