@@ -1,6 +1,7 @@
 """tools/race.py end to end on tiny settings: pixel MAE, LMD and MAE on latents under one budget of training
 seconds, with a small random VAE saved as tools/train_vae.py would (so no VAE training here), and the files it
-writes. The budget is enforced: every final point lands within 5% of it."""
+writes. The budget is enforced: every final point lands within 5% of it. Then the reading of the results on made-up
+numbers: equal seconds on both clocks, the order of the methods, the speed flag, the time to pixel MAE's accuracy."""
 
 import json
 
@@ -55,23 +56,140 @@ def test_every_final_point_lands_within_5_percent_of_the_budget(race_run):
 
 def test_both_clocks_and_the_random_inits(race_run):
     out, results = race_run
-    offset = results["vae"]["offset_seconds"]
-    assert offset > results["vae"]["encode_seconds"] > 0 and results["vae"]["training_seconds"] == 12.5
+    vae = results["vae"]
+    # the VAE's training and the training split's encoding are counted; the val split's encoding serves the probes
+    assert vae["offset_seconds"] == pytest.approx(vae["training_seconds"] + vae["encode_seconds"])
+    assert vae["encode_seconds"] > 0 and vae["val_encode_seconds"] > 0 and vae["training_seconds"] == 12.5
+    offset = vae["offset_seconds"]
     for name in ("pixel_mae", "lmd", "latent_mae"):
         for point in results[name]:
             counted = point["train_seconds"] + (offset if name != "pixel_mae" else 0.0)
             assert point["seconds"] == pytest.approx(counted)
             assert 0 <= point["knn_top1"] <= 1 and 0 <= point["linprobe_top1"] <= 1
+            assert point["steps_per_second"] == pytest.approx(point["step"] / point["train_seconds"])
+            assert point["images_per_second"] == pytest.approx(point["images"] / point["train_seconds"])
     # the cosine schedule ramps up with the training clock; the constant one does not move
     assert results["lmd"][0]["mask_ratio"] < results["lmd"][1]["mask_ratio"] <= 0.75
     assert results["latent_mae"][0]["mask_ratio"] == results["latent_mae"][1]["mask_ratio"] == 0.75
     assert {space: len(records) for space, records in results["random"].items()} == {"pixels": 1, "latents": 1}
     assert results["tokens"] == {"pixels": 4, "latents": 4} and results["patch_size"] == {"pixels": 4, "latents": 1}
     assert results["vae"]["trained_by"] == "tools/train_vae.py" and results["peak_rss_mb"] > 100
-    table = (out / "race.md").read_text().splitlines()
-    assert "VAE counted" in table[0] and len(table) == 7
+    assert results["order"] == [["pixel_mae", "lmd", "latent_mae"]]
+    assert set(results["time_to_pixel_mae"]) == {"lmd", "latent_mae"}
+    summary = results["time_to_pixel_mae"]["lmd"]["knn_top1"]["seconds"]
+    assert summary["seeds"] == 1 and summary["per_seed"][0]["target"] == results["pixel_mae"][-1]["knn_top1"]
+    tables = (out / "race.md").read_text().split("\n\n")
+    table, ratios = tables[0].splitlines(), tables[1].splitlines()
+    assert "VAE counted" in table[0] and len(table) == 7 and "steps/s" in table[0]
     assert table[2].startswith("| pixel_mae |") and table[-1].startswith("| random init (latents")
+    assert "pixel MAE's time" in ratios[0] and [row.split(" |")[0] for row in ratios[2:]] == ["| lmd", "| latent_mae"]
     assert (out / "race.png").stat().st_size > 10_000
+
+
+def made_up(curves, random, offset=0.0, budget=360.0):
+    """Results as race.main writes them, from curves {method: {seed: [(train_seconds, kNN, linear probe), ...]}} and
+    random inits {space: {seed: (kNN, linear probe)}}; one step a second."""
+    results = dict(budget_seconds=budget, vae=dict(offset_seconds=offset), random={
+        space: [dict(seed=seed, knn_top1=knn, linprobe_top1=linear) for seed, (knn, linear) in seeds.items()]
+        for space, seeds in random.items()})
+    for name, runs in curves.items():
+        shift = offset if race.METHODS[name][0] == "latents" else 0.0
+        results[name] = [dict(seed=seed, step=round(t), train_seconds=t, seconds=shift + t, knn_top1=knn,
+                              linprobe_top1=linear, steps_per_second=1.0, images_per_second=64.0)
+                         for seed, run in runs.items() for t, knn, linear in run]
+    return results
+
+
+RANDOM = dict(pixels={0: (0.5, 0.9)}, latents={0: (0.4, 0.8)})
+
+
+def test_a_reading_between_two_points_is_the_straight_line_through_them():
+    points = [dict(seconds=100.0, v=0.5), dict(seconds=200.0, v=0.9)]
+    assert race.value_at(points, "seconds", 175.0, "v") == pytest.approx(0.8)
+    assert race.value_at(points, "seconds", 99.0, "v") is None                  # not started yet
+    assert race.value_at(points, "seconds", 205.0, "v") == 0.9                  # within 5%: the run's end
+    assert race.value_at(points, "seconds", 220.0, "v") is None                 # ended 10% early: not read there
+    assert race.time_to_reach(points, "seconds", "v", 0.8) == pytest.approx(175.0)
+    assert race.time_to_reach(points, "seconds", "v", 0.91) is None
+
+
+def test_the_vae_counted_clock_reads_a_latent_method_at_the_budget_not_at_its_last_point_before_it():
+    pixels, late = [(180.0, 0.7, 0.9), (360.0, 0.8, 0.9)], [(180.0, 0.5, 0.9), (360.0, 0.8, 0.9)]
+    # VAE + encoding 120 s: LMD's points on the counted clock are at 300 and 480 s; at 360 s it is a third of the way
+    results = made_up(dict(pixel_mae={0: pixels}, lmd={0: late}), RANDOM, offset=120.0)
+    assert race.readings(results, "lmd", "seconds", "knn_top1") == [pytest.approx(0.6)]   # the old rule read 0.5
+    assert race.readings(results, "pixel_mae", "seconds", "knn_top1") == [pytest.approx(0.8)]
+    row = "| lmd | 0.800 ± 0.000 | 0.900 ± 0.000 | "   # its own clock: the final point, as for pixel MAE
+    assert row + "0.600 ± 0.000 (after 240 s of training) |" in race.summarise(results)
+    # offset 300 s: before its first point, LMD is read between its start (its random init, 0.4) and that point
+    results = made_up(dict(pixel_mae={0: pixels}, lmd={0: late}), RANDOM, offset=300.0)
+    assert race.readings(results, "lmd", "seconds", "knn_top1") == [pytest.approx(0.4 + 0.1 / 3)]
+    results = made_up(dict(pixel_mae={0: pixels}, lmd={0: late}), RANDOM, offset=400.0)
+    assert row + "not started (VAE + encoding take longer) |" in race.summarise(results)
+    # a run whose last point is 60 s before the budget has no reading there, on either clock
+    results = made_up(dict(pixel_mae={0: [(150.0, 0.7, 0.9), (300.0, 0.8, 0.9)]}), RANDOM)
+    assert race.readings(results, "pixel_mae", "train_seconds", "knn_top1") == [None]
+    assert "1 of 1 seeds ended more than 5% before the budget" in race.summarise(results)
+
+
+def test_the_order_of_the_methods_rotates_with_the_seed():
+    orders = [race.method_order(list(race.METHODS), seed) for seed in range(3)]
+    assert len({tuple(order) for order in orders}) == 3
+    assert all(sorted(order) == sorted(race.METHODS) for order in orders)
+    assert race.method_order(["lmd", "pixel_mae"], 1) == ["pixel_mae", "lmd"]
+
+
+def test_a_seed_more_than_2x_off_its_methods_median_speed_is_flagged():
+    run = [(180.0, 0.7, 0.9), (360.0, 0.8, 0.9)]
+    results = made_up(dict(pixel_mae={0: run, 1: run, 2: run}, lmd={0: run, 1: run, 2: run},
+                           latent_mae={0: run, 1: run, 2: run}),
+                      {space: {seed: inits[0] for seed in range(3)} for space, inits in RANDOM.items()})
+    speeds = dict(pixel_mae=(1.0, 1.1, 0.4), lmd=(1.0, 2.05, 0.9), latent_mae=(1.0, 1.9, 0.55))   # medians 1.0
+    for name, (first, second, third) in speeds.items():
+        for point, speed in zip(results[name][1::2], (first, second, third)):
+            point["steps_per_second"] = speed
+    assert race.speed_outliers(results) == [("pixel_mae", 2, 0.4, 1.0), ("lmd", 1, 2.05, 1.0)]
+    warnings = race.warnings(results)
+    assert len(warnings) == 2 and warnings[0].startswith("warning: pixel_mae seed 2 ran 0.40 steps/s")
+    rows = race.summarise(results).splitlines()
+    assert rows[2].endswith("; seed 2: 0.40, more than 2x off the median 1.00 |") and "more than 2x" not in rows[4]
+
+
+def test_time_to_pixel_maes_accuracy_as_a_ratio_on_both_clocks():
+    pixels = [(180.0, 0.7, 0.85), (360.0, 0.8, 0.88)]   # reaches its final kNN at 360 s; its random init's linear
+    # probe (0.9) is already above its final one, so there is no pixel MAE time to divide by
+    curves = dict(pixel_mae={0: pixels, 1: pixels},
+                  lmd={0: [(180.0, 0.9, 0.95), (360.0, 0.95, 0.96)],      # from 0.4 at 0 s: 0.8 at 144 s
+                       1: [(180.0, 0.6, 0.95), (360.0, 0.9, 0.96)]},      # 0.8 at 300 s
+                  latent_mae={0: [(180.0, 0.6, 0.5), (360.0, 0.7, 0.6)], 1: [(180.0, 0.6, 0.5), (360.0, 0.7, 0.6)]})
+    random = dict(pixels={0: (0.5, 0.9), 1: (0.5, 0.9)}, latents={0: (0.4, 0.8), 1: (0.4, 0.8)})
+    ratios = race.time_ratios(made_up(curves, random, offset=60.0))
+    own = ratios["lmd"]["knn_top1"]["train_seconds"]
+    assert [s["ratio"] for s in own["per_seed"]] == [pytest.approx(0.4), pytest.approx(300 / 360)]
+    assert own["seeds_reached"] == 2 and own["mean"] == pytest.approx((0.4 + 300 / 360) / 2)
+    assert own["std"] == pytest.approx((300 / 360 - 0.4) / 2 ** 0.5)
+    counted = ratios["lmd"]["knn_top1"]["seconds"]["per_seed"]
+    assert [s["ratio"] for s in counted] == [pytest.approx(204 / 360), pytest.approx(1.0)]
+    assert {s["ratio"] for s in ratios["lmd"]["linprobe_top1"]["seconds"]["per_seed"]} == {
+        "n/a: pixel MAE's random init is already there"}
+    never = ratios["latent_mae"]["knn_top1"]["train_seconds"]
+    assert never["mean"] == "not reached" and never["seeds_reached"] == 0
+    assert [s["method"] for s in never["per_seed"]] == ["not reached"] * 2
+    table = race.ratio_table(ratios).splitlines()
+    assert table[2] == ("| lmd | 0.62 ± 0.31 (2 of 2 seeds) | 0.78 ± 0.31 (2 of 2 seeds) | n/a: pixel MAE's random "
+                        "init is already there | n/a: pixel MAE's random init is already there |")
+    assert table[3] == "| latent_mae | not reached | not reached | not reached | not reached |"
+
+
+def test_the_clock_waits_for_an_apple_gpu(monkeypatch):
+    import bench
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))
+    for module in (race, bench):
+        module.synchronize(torch.device("mps"))
+        module.synchronize(torch.device("cpu"))
+    assert calls == ["mps", "mps"]
 
 
 def test_a_step_longer_than_the_budget_is_reported():

@@ -16,15 +16,25 @@ probe points sit at fractions of the budget. So the steps follow the real clock 
 steps keep more tokens visible and cost more), and every method's final point lands at the budget. The data order
 and the masks are functions of (seed, step), as in train.py; only the ratio and lr of a step follow the clock.
 Two clocks: `train_seconds` (the method's own training: the paper's setting, where the SD VAE is trained once for
-everyone) and `seconds` (the VAE's training and the encoding of the dataset counted: a laptop user who trains a
-VAE first). Images stay in memory as uint8 (flips made on the fly); latents as float32. Writes OUT/results.json,
-OUT/race.md (the table) and OUT/race.png.
+everyone) and `seconds` (the VAE's training and the encoding of the training split counted: a laptop user who
+trains a VAE first; the val split is encoded only for the probes, so it is not counted). Both are read at equal
+seconds: linear between the probe points that bracket the budget, a run starting from its random init. The methods
+run in an order rotated per seed (the load of a shared machine drifts), and each point records its steps and
+images per second; a seed more than 2x off its method's median speed is flagged. Each latent method's time to reach
+the same seed's pixel MAE final kNN and linear probe is reported as a ratio to pixel MAE's (both clocks). Images stay
+in memory as uint8 (flips made on the fly); latents as float32. Writes OUT/results.json, OUT/race.md (the tables)
+and OUT/race.png.
+
+At the paper's token ratio (a pixel token a quarter of a latent token's area), the default pixel patch:
+    python tools/race.py --dataset fashion-mnist --vae runs/vae-fashion-mnist --minutes 10 --seeds 3 --threads 1 \
+        --out runs/race-fashion    # 32 px: pixel MAE on 64 tokens (patch 4), the latents on 16 (8 x 8, patch 2)
 """
 
 import copy
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +52,7 @@ DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, 
 METHODS = {"pixel_mae": ("pixels", "constant"), "lmd": ("latents", "cosine"), "latent_mae": ("latents", "constant")}
 LR_RESOLUTION = 100_000   # optim.learning_rate works on integer steps: progress is given to it in these units
 TOLERANCE = 0.05          # a final point more than 5% off its budget is reported as such
+SPEED_FACTOR = 2.0        # a seed more than 2x faster or slower than its method's median is flagged
 
 
 def build_parser():
@@ -165,8 +176,12 @@ def make_optimizer(model):
 
 
 def synchronize(device):
+    """Wait for the device's queued work, so the clock stops when a step has run, not when it was queued (as
+    tools/bench.py): CUDA and Apple's mps both run asynchronously."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def run_method(name, data, seed, budget, offset, device, args):
@@ -198,6 +213,7 @@ def run_method(name, data, seed, budget, offset, device, args):
         bar.set_postfix(step=step, loss=f"{loss.item():.4f}")
         points.append(dict(seed=seed, step=step, train_seconds=trained, seconds=offset + trained,
                            images=step * args.batch_size, mask_ratio=schedule(min(trained / budget, 1.0)),
+                           steps_per_second=step / trained, images_per_second=step * args.batch_size / trained,
                            **probe(model, data, device, args.linprobe_epochs, seed)))
         bar.write(f"{name} seed {seed}: step {step}, {trained:.1f} s of training, kNN top-1 "
                   f"{points[-1]['knn_top1']:.3f}, linear probe top-1 {points[-1]['linprobe_top1']:.3f}")
@@ -207,8 +223,68 @@ def run_method(name, data, seed, budget, offset, device, args):
 
 def runs(results, name):
     """A method's points split by seed -> [[point, ...] per seed], in seed order."""
-    seeds = sorted({p["seed"] for p in results[name]})
-    return [[p for p in results[name] if p["seed"] == s] for s in seeds]
+    return [[p for p in results[name] if p["seed"] == s] for s in seeds_of(results, name)]
+
+
+def method_order(methods, seed):
+    """The order the methods run in for `seed`: [name, ...], rotated by one place per seed. On a shared machine the
+    steps a budget buys drift with the load, so no method should always run first (or last)."""
+    shift = seed % len(methods)
+    return list(methods[shift:]) + list(methods[:shift])
+
+
+def curve(results, name, seed):
+    """One seed's run of a method from its start -> [point, ...] in time order: the random init (exactly the model
+    the run starts from) at 0 s of training, then the probe points. On the counted clock a latent method starts
+    once the VAE is trained and the training split encoded (the offset)."""
+    space = METHODS[name][0]
+    offset = results["vae"]["offset_seconds"] if space == "latents" else 0.0
+    start = next(r for r in results["random"][space] if r["seed"] == seed)
+    return [dict(start, step=0, train_seconds=0.0, seconds=offset)] + [p for p in results[name] if p["seed"] == seed]
+
+
+def between(before, after, known, at, wanted):
+    """Two points (dicts) -> `wanted` on the straight line through them where `known` equals `at`
+    (before[known] <= at <= after[known]). The one interpolation of the race: values at equal seconds, and the
+    seconds at which a value is reached."""
+    span = after[known] - before[known]
+    weight = (at - before[known]) / span if span else 1.0
+    return before[wanted] + weight * (after[wanted] - before[wanted])
+
+
+def value_at(points, clock, seconds, key):
+    """A curve [point, ...] (ascending on `clock`) -> its `key` at `seconds` on `clock`, linear between the two
+    points that bracket it, or None: before the curve starts (the VAE still training), or more than 5% past its
+    end (a run that stopped early is not read as if it had run on). Up to 5% past its end, the final point: the
+    run's budget ended there (within half a step, on its own clock)."""
+    if seconds < points[0][clock]:
+        return None
+    for before, after in zip(points, points[1:]):
+        if before[clock] <= seconds <= after[clock]:
+            return between(before, after, clock, seconds, key)
+    return points[-1][key] if seconds - points[-1][clock] <= TOLERANCE * seconds else None
+
+
+def time_to_reach(points, clock, key, target):
+    """A curve [point, ...] -> the first seconds on `clock` at which its `key` reaches `target`, linear between
+    the probe points as value_at reads them; None if it never does (no number is made up)."""
+    if points[0][key] >= target:
+        return points[0][clock]
+    for before, after in zip(points, points[1:]):
+        if after[key] >= target:   # before[key] < target <= after[key]
+            return between(before, after, key, target, clock)
+    return None
+
+
+def seeds_of(results, name):
+    """The seeds a method ran -> [seed, ...], ascending."""
+    return sorted({p["seed"] for p in results[name]})
+
+
+def readings(results, name, clock, key):
+    """Each seed's `key` at the budget on `clock`: [value or None, ...] in seed order."""
+    return [value_at(curve(results, name, seed), clock, results["budget_seconds"], key)
+            for seed in seeds_of(results, name)]
 
 
 def mean_std(values):
@@ -221,49 +297,133 @@ def cell(values, digits=3):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def reading_cell(results, name, clock, key, suffix=""):
+    """A table cell: mean ± std over seeds of `key` at the budget on `clock` (then `suffix`), or why there is none."""
+    values, budget = readings(results, name, clock, key), results["budget_seconds"]
+    if None not in values:
+        return cell(values) + suffix
+    if curve(results, name, seeds_of(results, name)[0])[0][clock] > budget:
+        return "not started (VAE + encoding take longer)"
+    return f"{values.count(None)} of {len(values)} seeds ended more than 5% before the budget"
+
+
+def speed_outliers(results):
+    """The seeds whose steps per second (final point) are more than 2x off their method's median ->
+    [(method, seed, steps/s, the method's median)]: the load changed under them, so their steps do not compare."""
+    flagged = []
+    for name in (n for n in METHODS if results.get(n)):
+        speeds = {run[-1]["seed"]: run[-1]["steps_per_second"] for run in runs(results, name)}
+        median = statistics.median(speeds.values())
+        flagged += [(name, seed, speed, median) for seed, speed in speeds.items()
+                    if speed > SPEED_FACTOR * median or speed < median / SPEED_FACTOR]
+    return flagged
+
+
+def speed_cell(results, name):
+    """Steps (and images) per second at the final points, mean ± std, with the seeds more than 2x off the median."""
+    finals = [run[-1] for run in runs(results, name)]
+    text = (f"{cell([p['steps_per_second'] for p in finals], 2)} "
+            f"({cell([p['images_per_second'] for p in finals], 0)} images/s)")
+    return text + "".join(f"; seed {seed}: {speed:.2f}, more than 2x off the median {median:.2f}"
+                          for method, seed, speed, median in speed_outliers(results) if method == name)
+
+
 def method_row(results, name, targets):
-    """One table row: top-1 at the budget, kNN at the budget with the VAE counted, seconds to the targets."""
-    budget, finals = results["budget_seconds"], [run[-1] for run in runs(results, name)]
-    # equal seconds with the VAE counted: each seed's last point at or before the budget on that clock
-    counted = [([p for p in run if p["seconds"] <= budget * (1 + TOLERANCE)] or [None])[-1]
-               for run in runs(results, name)]
-    if None in counted:
-        counted_cell = "not started (VAE + encoding take longer)"
-    else:
-        trained = mean_std([p["train_seconds"] for p in counted])[0]
-        counted_cell = f"{cell([p['knn_top1'] for p in counted])} (after {trained:.0f} s of training)"
+    """One table row: top-1 at the budget on both clocks, seconds to the targets, the final points' seconds and
+    speeds."""
+    budget = results["budget_seconds"]
+    trained = budget - curve(results, name, seeds_of(results, name)[0])[0]["seconds"]   # the VAE's offset less
+    counted_cell = reading_cell(results, name, "seconds", "knn_top1", f" (after {trained:.0f} s of training)")
     if not targets:
         when = "n/a (pixel MAE did not beat its random init)" if results.get("pixel_mae") else "n/a (no pixel MAE)"
     else:
-        hits = [next((p for p in run if p["knn_top1"] >= targets[run[0]["seed"]]), None)
-                for run in runs(results, name) if run[0]["seed"] in targets]
-        reached = [p for p in hits if p is not None]
-        when = f"{len(reached)} of {len(hits)} seeds" + ("" if not reached else ": " + " / ".join(
-            f"{mean_std([p[clock] for p in reached])[0]:.0f}" for clock in ("train_seconds", "seconds")))
-    return (f"| {name} | {cell([p['knn_top1'] for p in finals])} | {cell([p['linprobe_top1'] for p in finals])} | "
-            f"{counted_cell} | {when} | {cell([p['train_seconds'] for p in finals], 1)} |")
+        hits = [[time_to_reach(curve(results, name, seed), clock, "knn_top1", targets[seed])
+                 for seed in seeds_of(results, name) if seed in targets] for clock in ("train_seconds", "seconds")]
+        reached = [[t for t in times if t is not None] for times in hits]
+        when = f"{len(reached[0])} of {len(hits[0])} seeds" + ("" if not reached[0] else ": " + " / ".join(
+            f"{mean_std(times)[0]:.0f}" for times in reached))
+    finals = [run[-1] for run in runs(results, name)]
+    return (f"| {name} | {reading_cell(results, name, 'train_seconds', 'knn_top1')} | "
+            f"{reading_cell(results, name, 'train_seconds', 'linprobe_top1')} | {counted_cell} | {when} | "
+            f"{cell([p['train_seconds'] for p in finals], 1)} | {speed_cell(results, name)} |")
+
+
+def time_ratios(results):
+    """Each latent method's time to reach the same seed's pixel MAE final kNN and linear-probe top-1, over pixel
+    MAE's own time to reach it, on both clocks -> {method: {metric: {clock: summary}}}, a summary being
+    dict(per_seed=[dict(seed, target, pixel_mae=s, method=s or "not reached", ratio), ...], seeds, seeds_reached,
+    mean, std). Below 1 is faster than pixel MAE (the paper's 3x is 0.33); a seed that never gets there is
+    "not reached", and the mean and std are over the seeds that do ("not reached" when none does)."""
+    if not results.get("pixel_mae"):
+        return {}
+    ratios = {}
+    for name in (n for n in METHODS if n != "pixel_mae" and results.get(n)):
+        ratios[name] = {key: {clock: ratio_summary(results, name, key, clock) for clock in ("train_seconds", "seconds")}
+                        for key in ("knn_top1", "linprobe_top1")}
+    return ratios
+
+
+def ratio_summary(results, name, key, clock):
+    """time_ratios' summary of one method, metric and clock."""
+    per_seed = []
+    for seed in seeds_of(results, name):
+        pixels = curve(results, "pixel_mae", seed)
+        target = pixels[-1][key]
+        own = time_to_reach(pixels, clock, key, target)
+        mine = time_to_reach(curve(results, name, seed), clock, key, target)
+        ratio = ("not reached" if mine is None else
+                 "n/a: pixel MAE's random init is already there" if own <= 0 else mine / own)
+        per_seed.append(dict(seed=seed, target=target, pixel_mae=own,
+                             method="not reached" if mine is None else mine, ratio=ratio))
+    numbers = [s["ratio"] for s in per_seed if isinstance(s["ratio"], float)]
+    mean, std = mean_std(numbers) if numbers else ("not reached", "not reached")
+    return dict(per_seed=per_seed, seeds=len(per_seed), seeds_reached=len(numbers), mean=mean, std=std)
+
+
+def ratio_cell(summary):
+    """A ratio_summary as a table cell: mean ± std (seeds reaching it), else why there is no number."""
+    if summary["seeds_reached"]:
+        mean, std, reached, seeds = (summary[k] for k in ("mean", "std", "seeds_reached", "seeds"))
+        return f"{mean:.2f} ± {std:.2f} ({reached} of {seeds} seeds)"
+    reasons = {s["ratio"] for s in summary["per_seed"]}
+    return "not reached" if "not reached" in reasons else reasons.pop()
+
+
+def ratio_table(ratios):
+    """The markdown table of time_ratios: one row per latent method."""
+    lines = ["| method | time to pixel MAE's final kNN / pixel MAE's time, own training | the same, VAE counted | "
+             "time to its final linear probe / pixel MAE's time, own training | the same, VAE counted |",
+             "|---|---|---|---|---|"]
+    for name, metrics in ratios.items():
+        cells = [ratio_cell(metrics[key][clock]) for key in ("knn_top1", "linprobe_top1")
+                 for clock in ("train_seconds", "seconds")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarise(results):
-    """The markdown table: top-1 at the budget on both clocks (mean ± std over seeds), the seeds reaching 95% of
-    the same seed's pixel MAE kNN gain over its random init and when (both clocks, mean over the seeds that
-    reach it), the final points' training seconds, and the random inits of the same seeds."""
+    """The markdown tables. The first: top-1 at the budget on both clocks (mean ± std over seeds, each read at
+    equal seconds), the seeds reaching 95% of the same seed's pixel MAE kNN gain over its random init and when
+    (both clocks, mean over the seeds that reach it), the final points' training seconds and speeds, and the random
+    inits of the same seeds. The second (with pixel MAE and a latent method): time_ratios."""
     budget, names = results["budget_seconds"], [n for n in METHODS if results.get(n)]
     targets = {}   # seed -> kNN top-1 at 95% of that seed's pixel MAE gain, where pixel MAE gained
     if "pixel_mae" in names:
-        random_pixels = {r["seed"]: r["knn_top1"] for r in results["random"]["pixels"]}
-        for run in runs(results, "pixel_mae"):
-            start, end = random_pixels[run[0]["seed"]], run[-1]["knn_top1"]
+        for seed in seeds_of(results, "pixel_mae"):
+            pixels = curve(results, "pixel_mae", seed)
+            start, end = pixels[0]["knn_top1"], pixels[-1]["knn_top1"]
             if end > start:
-                targets[run[0]["seed"]] = start + 0.95 * (end - start)
+                targets[seed] = start + 0.95 * (end - start)
     lines = [f"| method | kNN top-1 at {budget:.0f} s of training | linear probe top-1 at {budget:.0f} s | "
              f"kNN top-1 at {budget:.0f} s, VAE counted | 95% of pixel MAE's kNN gain (same seed): seeds reaching "
-             f"it, mean s (own / VAE counted) | training s of the final point |", "|---|---|---|---|---|---|"]
+             f"it, mean s (own / VAE counted) | training s of the final point | steps/s at the final point |",
+             "|---|---|---|---|---|---|---|"]
     lines += [method_row(results, name, targets) for name in names]
     for space, records in results["random"].items():
         lines.append(f"| random init ({space}, the same seeds) | {cell([r['knn_top1'] for r in records])} | "
-                     f"{cell([r['linprobe_top1'] for r in records])} | | | |")
-    return "\n".join(lines) + "\n"
+                     f"{cell([r['linprobe_top1'] for r in records])} | | | | |")
+    ratios = time_ratios(results)
+    return "\n".join(lines) + "\n" + ("" if not ratios else "\n" + ratio_table(ratios))
 
 
 def off_budget(results):
@@ -326,10 +486,11 @@ def prepare(args, device):
     vae_dir, vae_seconds = vae_directory(args)
     projection = vaes.open_projection(vae_dir, device)
     flips = 1 if args.dataset in datasets.NO_FLIP else 2
-    started = time.time()
-    latents = {split: encode_views(projection, images[split][0], flips if split == "train" else 1, device)
-               for split in images}
-    encode_seconds = time.time() - started
+    latents, encode_seconds = {}, {}
+    for split in images:   # timed apart: only the training split is a cost of training, the val split serves probes
+        started = time.time()
+        latents[split] = encode_views(projection, images[split][0], flips if split == "train" else 1, device)
+        encode_seconds[split] = time.time() - started   # encode_views ends on the CPU: the device's work is done
     latent_patch = datasets.default_latent_patch(args.image_size // projection.downsample)
     common = dict(train_labels=images["train"][1], val_labels=images["val"][1], views=flips, lr=DEFAULTS["base_lr"])
     spaces = dict(
@@ -339,7 +500,8 @@ def prepare(args, device):
         latents=dict(space="latents", train_inputs=latents["train"], val_inputs=latents["val"],
                      channels=projection.channels, size=latents["train"].shape[-1], patch_size=latent_patch, **common))
     vae = dict(projection.provenance, downsample=projection.downsample, training_seconds=vae_seconds,
-               encode_seconds=encode_seconds, offset_seconds=vae_seconds + encode_seconds, dataset=args.dataset)
+               encode_seconds=encode_seconds["train"], val_encode_seconds=encode_seconds["val"],
+               offset_seconds=vae_seconds + encode_seconds["train"], dataset=args.dataset)
     return spaces, vae
 
 
@@ -363,33 +525,59 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     spaces, vae = prepare(args, device)
     budget = args.minutes * 60
-    used = {METHODS[name][0] for name in args.methods}
-    results = {name: [] for name in args.methods}
-    results["random"] = {space: [] for space in spaces if space in used}
-    for seed in range(args.seeds):
-        for space in results["random"]:
-            results["random"][space].append(dict(seed=seed, **probe(new_model(spaces[space], seed, device),
-                                                                    spaces[space], device, args.linprobe_epochs, seed)))
-        for name in args.methods:
-            space = METHODS[name][0]
-            offset = vae["offset_seconds"] if space == "latents" else 0.0
-            results[name] += run_method(name, spaces[space], seed, budget, offset, device, args)
+    print(f"tokens per image: {tokens(spaces)} (the paper's ratio is 4 pixel tokens to 1 latent token)",
+          file=sys.stderr)
+    results = race(args, spaces, vae, budget, device)
     results.update(vae=vae, device=str(device), minutes=args.minutes, budget_seconds=budget, seeds=args.seeds,
                    batch_size=args.batch_size, threads=torch.get_num_threads(),
-                   patch_size={space: data["patch_size"] for space, data in spaces.items()},
-                   tokens={space: (data["size"] // data["patch_size"]) ** 2 for space, data in spaces.items()},
+                   patch_size={space: data["patch_size"] for space, data in spaces.items()}, tokens=tokens(spaces),
                    peak_rss_mb=peak_rss_mb(), command="python tools/race.py " + " ".join(argv or sys.argv[1:]))
+    results.update(time_to_pixel_mae=time_ratios(results), speed_outliers=[
+        dict(method=name, seed=seed, steps_per_second=speed, median=median)
+        for name, seed, speed, median in speed_outliers(results)])
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(results, file, indent=2)
     table = summarise(results)
     with open(os.path.join(args.out, "race.md"), "w") as file:
         file.write(table)
     plot(results, os.path.join(args.out, "race.png"))
-    for name, seed, seconds in off_budget(results):
-        print(f"warning: {name} seed {seed} ended at {seconds:.1f} s of training, more than 5% off the budget "
-              f"({budget:.0f} s): a step took too long for this budget", file=sys.stderr)
+    for line in warnings(results):
+        print(line, file=sys.stderr)
     print(table + f"\n{args.out}/race.png, {args.out}/results.json (peak RSS {results['peak_rss_mb']:.0f} MB)",
           file=sys.stderr)
+
+
+def tokens(spaces):
+    """{space: tokens per image}."""
+    return {space: (data["size"] // data["patch_size"]) ** 2 for space, data in spaces.items()}
+
+
+def race(args, spaces, vae, budget, device):
+    """Every seed: the random inits probed, then each method trained for the budget, in an order rotated per seed
+    -> results {method: [point, ...], "random": {space: [probe, ...]}, "order": [[method, ...] per seed]}."""
+    used = {METHODS[name][0] for name in args.methods}
+    results = {name: [] for name in args.methods}
+    results.update(random={space: [] for space in spaces if space in used}, order=[])
+    for seed in range(args.seeds):
+        for space in results["random"]:
+            results["random"][space].append(dict(seed=seed, **probe(new_model(spaces[space], seed, device),
+                                                                    spaces[space], device, args.linprobe_epochs, seed)))
+        results["order"].append(method_order(args.methods, seed))
+        for name in results["order"][-1]:
+            space = METHODS[name][0]
+            offset = vae["offset_seconds"] if space == "latents" else 0.0
+            results[name] += run_method(name, spaces[space], seed, budget, offset, device, args)
+    return results
+
+
+def warnings(results):
+    """The warning lines: final points off the budget, and seeds whose speed is more than 2x off their method's."""
+    budget = results["budget_seconds"]
+    lines = [f"warning: {name} seed {seed} ended at {seconds:.1f} s of training, more than 5% off the budget "
+             f"({budget:.0f} s): a step took too long for this budget" for name, seed, seconds in off_budget(results)]
+    return lines + [f"warning: {name} seed {seed} ran {speed:.2f} steps/s, more than 2x off its method's median "
+                    f"({median:.2f}): the machine's load changed under it, so its steps in the budget do not compare"
+                    for name, seed, speed, median in speed_outliers(results)]
 
 
 if __name__ == "__main__":
