@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -89,25 +90,131 @@ cli.run_cli(lambda: train.main({argv!r}))
 """
 
 
-def test_sigterm_to_the_whole_job_with_loader_workers_saves_and_resumes(tmp_path):
-    """SLURM signals every process of the job, the loader workers too (--no-cache, --num-workers 2): they must
-    outlive the signal, so that the training process saves at the end of its step and exits cleanly. (In pixels:
-    the workers are those of any --no-cache run, and no VAE library is imported.)"""
+def group_alive(group):
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def group_members(group):
+    """The ids of the live processes in process group `group` (from /proc: Linux)."""
+    members = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as file:
+                fields = file.read().rsplit(")", 1)[1].split()   # after the command name, which may hold spaces
+        except OSError:   # gone meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(pid))
+    return members
+
+
+def end_within_30_s(process):
+    """-> stderr of `process` (started in its own session) once it and every process of its group are gone; fails,
+    after killing the group, if any is alive 30 s after the call."""
+    deadline = time.time() + 30
+    try:
+        _, err = process.communicate(timeout=30)
+        while group_alive(process.pid) and time.time() < deadline:
+            time.sleep(0.1)
+    except subprocess.TimeoutExpired:
+        err = "(still running)"
+    if group_alive(process.pid) or process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate(timeout=10)
+        pytest.fail(f"a process of the run is alive 30 s after the signal: {err[-1000:]}")
+    return err
+
+
+@pytest.mark.parametrize("signal_name, to_group, workers", [("SIGINT", False, 2), ("SIGTERM", False, 1),
+                                                            ("SIGTERM", True, 2)])
+def test_a_stop_signal_saves_and_ends_every_process(tmp_path, signal_name, to_group, workers):
+    """Ctrl-C (SIGINT to the training process), a kill (SIGTERM to it alone) and SLURM (SIGTERM to every process of
+    the job, the loader workers too): a checkpoint at the end of the step, then every process gone. The run is
+    long, so its loader is mid-epoch: its workers (which ignore the signals, so that the training process can
+    save) are still running when the process exits, and must not keep it waiting."""
     make_image_folder(tmp_path / "data", per_class=8)
     out = tmp_path / "run"
-    argv = tiny_flags(str(tmp_path / "data"), str(out), dataset="imagefolder", image_size=32, steps=6, batch_size=8,
-                      save_every=100, num_workers=2, vae="none") + ["--no-cache"]
+    argv = tiny_flags(str(tmp_path / "data"), str(out), dataset="imagefolder", image_size=32, steps=1000,
+                      batch_size=8, save_every=1000, num_workers=workers, vae="none") + ["--no-cache"]
     process = subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_SIGNAL_AT_STEP_2.format(root=ROOT, argv=argv)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                start_new_session=True)   # its own process group: the test runner is not signalled
-    assert process.stdout.readline().strip() == "step 2", process.communicate(timeout=60)[1][-2000:]
-    os.killpg(process.pid, signal.SIGTERM)                 # the training process and its two workers
-    _, err = process.communicate(timeout=60)
+    assert process.stdout.readline().strip() == "step 2", end_within_30_s(process)[-2000:]
+    number = getattr(signal, signal_name)
+    os.killpg(process.pid, number) if to_group else process.send_signal(number)
+    err = end_within_30_s(process)
     assert process.returncode == 0 and "Traceback" not in err, err[-2000:]
     assert "continue with: python train.py --resume" in err
     assert checkpoints.load_checkpoint(str(out))["step"] == 3    # the step under way when the signal came
-    train.main(["--resume", str(out), "--num-workers", "0"])
-    assert checkpoints.load_checkpoint(str(out))["step"] == 6
+    if to_group:   # and the run continues from there
+        train.main(["--resume", str(out), "--num-workers", "0", "--stop-after-step", "5"])
+        assert checkpoints.load_checkpoint(str(out))["step"] == 5
+
+
+def test_a_second_ctrl_c_while_saving_aborts_with_one_line(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the checkpoint is written: 'interrupted', exit status 130, no traceback, and
+    every process (two loader workers) gone."""
+    make_image_folder(tmp_path / "data", per_class=8)
+    argv = tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"), dataset="imagefolder", image_size=32,
+                      steps=1000, batch_size=8, save_every=1000, num_workers=2, vae="none") + ["--no-cache"]
+    harness = WAIT_FOR_A_SIGNAL_AT_STEP_2.replace("cli.run_cli(", SAVE_SLOWLY + "cli.run_cli(")
+    process = subprocess.Popen([sys.executable, "-c", harness.format(root=ROOT, argv=argv)], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout.readline().strip() == "step 2", end_within_30_s(process)[-2000:]
+    process.send_signal(signal.SIGINT)
+    assert process.stdout.readline().strip() == "saving", end_within_30_s(process)[-2000:]
+    process.send_signal(signal.SIGINT)
+    err = end_within_30_s(process)
+    assert process.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1] == "interrupted"
+
+
+# Saving that takes a minute: a second signal surely arrives while the checkpoint is written.
+SAVE_SLOWLY = """
+from util import checkpoints
+def announce_then_wait(*args, **kwargs):
+    print("saving", flush=True)
+    time.sleep(60)
+checkpoints.save_run = announce_then_wait
+"""
+
+
+# The cache build of a run, stopped after its first chunk is on disk (a signal then surely arrives mid-build).
+WAIT_FOR_A_SIGNAL_IN_THE_CACHE_BUILD = """
+import sys, time
+sys.path.insert(0, {root!r})
+from util import cli, latent_cache
+import train
+write = latent_cache._write_at
+def write_then_wait(path, offset, tensor):
+    write(path, offset, tensor)
+    if path.endswith("done.u8"):
+        print("chunk", flush=True)
+        time.sleep(60)
+latent_cache._write_at = write_then_wait
+cli.run_cli(lambda: train.main({argv!r}))
+"""
+
+
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_in_the_cache_build_ends_every_process_with_one_line(tmp_path, signal_name):
+    """Ctrl-C or SIGTERM while the latent cache is built by two loader workers: one line, no traceback, every
+    process gone (the chunks on disk are kept for the next run)."""
+    argv = tiny_flags(str(tmp_path / "data"), str(tmp_path / "run"), num_workers=2, image_size=32, patch_size=1)
+    process = subprocess.Popen([sys.executable, "-c", WAIT_FOR_A_SIGNAL_IN_THE_CACHE_BUILD.format(root=ROOT,
+                                                                                                  argv=argv)],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    assert process.stdout.readline().strip() == "chunk", end_within_30_s(process)[-2000:]
+    assert len(group_members(process.pid)) == 3   # the training process and its two loader workers, mid-build
+    process.send_signal(getattr(signal, signal_name))
+    err = end_within_30_s(process)
+    assert process.returncode == (130 if signal_name == "SIGINT" else 143), err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(("interrupted", "terminated")), err
 
 
 # A process killed in the middle of writing a checkpoint: torch.save writes part of the new file, then hangs.

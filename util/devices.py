@@ -1,6 +1,8 @@
 """Where and how a script runs: the device, the precision, torchrun's processes, compiled blocks, loader workers."""
 
+import atexit
 import datetime
+import multiprocessing.util   # registers multiprocessing's exit handler now, so that ours (below) runs before it
 import os
 import signal
 
@@ -139,6 +141,20 @@ def ignore_stop_signals(worker_id=None):
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+@atexit.register   # atexit runs last-registered first: this comes before multiprocessing's own exit handler
+def stop_loader_workers():
+    """At exit, SIGKILL the loader workers still alive (daemonic children), and reap them.
+
+    They ignore SIGTERM (ignore_stop_signals), so multiprocessing's exit handler, which SIGTERMs daemonic children
+    and then joins them, would wait forever: a run stopped mid-epoch (its DataLoader iterator never reached its
+    end, so nothing shut the workers down) would save, print how to continue, and hang.
+    """
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=10)
 
 
 def images_per_second(run, count, device, repeats=5):

@@ -126,18 +126,13 @@ class TrainingBatches:
             images = datasets.ImageDataset(source, config["image_size"], config["augment"])
             workers = devices.loader_workers(config["num_workers"])
             self.loader = iter(torch.utils.data.DataLoader(
-                images, batch_sampler=self._seeded_batches(start_step), num_workers=workers,
+                images, batch_sampler=seeded_batches(config, self.num_items, dist, start_step), num_workers=workers,
                 pin_memory=dist.device.type == "cuda", persistent_workers=workers > 0,
                 worker_init_fn=devices.ignore_stop_signals))   # a SIGTERM to the job: the main process saves
 
     def _indices(self, step):
         return sampling.batch_indices(step, self.num_items, self.config["batch_size"], self.config["seed"],
                                       self.dist.rank, self.dist.world_size)
-
-    def _seeded_batches(self, start_step):
-        seed = self.config["seed"]
-        for step in range(start_step, self.config["steps"]):
-            yield [(int(i), sampling.augmentation_seed(seed, step, int(i))) for i in self._indices(step)]
 
     def latents(self, step):
         """This rank's latents for `step` [batch / world_size, C, h, w] on the training device."""
@@ -154,6 +149,18 @@ class TrainingBatches:
         if device.type == "cuda":
             batch = batch.pin_memory()
         return batch.to(device, non_blocking=True).float()
+
+
+def seeded_batches(config, num_items, dist, start_step):
+    """The loader's batches from `start_step` on: [(image index, augmentation seed)] per step, this rank's share.
+
+    A free function, not a method: a generator that held the TrainingBatches would make a reference cycle through
+    the loader, and the loader's workers would then outlive the run until the garbage collector found it.
+    """
+    seed = config["seed"]
+    for step in range(start_step, config["steps"]):
+        indices = sampling.batch_indices(step, num_items, config["batch_size"], seed, dist.rank, dist.world_size)
+        yield [(int(i), sampling.augmentation_seed(seed, step, int(i))) for i in indices]
 
 
 def held_out_loss(projection, config, device):
