@@ -205,3 +205,12 @@ def test_compact_inputs_flip_on_the_fly():
     assert inputs.dtype == torch.float32 and inputs.shape == (2, 3, 8, 8)
     assert torch.allclose(inputs[0], (images[2].float() / 255 * 2 - 1).flip(-1))
     assert torch.allclose(inputs[1], images[0].float() / 255 * 2 - 1)
+
+
+def test_throughput_waits_for_an_apple_gpu(monkeypatch):
+    """util/devices.images_per_second (finetune.py's throughput) syncs the device around its timed calls, mps too."""
+    from util import devices
+    calls = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
+    assert devices.images_per_second(lambda: None, 1, torch.device("mps"), repeats=1) > 0
+    assert calls == ["mps", "mps"]

@@ -161,7 +161,7 @@ def images_per_second(run, count, device, repeats=5):
     """Time `run()`, which processes `count` images: two warm-up calls (kernel choice, allocator), then `repeats`
     timed ones with the device synchronised around them."""
     import time
-    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    synchronize = dict(cuda=torch.cuda.synchronize, mps=lambda: torch.mps.synchronize()).get(device.type, lambda: None)
     run(), run()
     synchronize()
     started = time.perf_counter()
