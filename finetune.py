@@ -5,10 +5,12 @@ What pretraining learned, measured on the same latents: the kNN probe, the linea
     python finetune.py --checkpoint runs/lmd --mode linprobe     # frozen encoder, BN + linear head, 90 epochs
     python finetune.py --checkpoint runs/lmd --mode finetune     # everything trains, layer decay
 
-knn and linprobe also measure the same probe on the same seed's randomly initialised encoder (`scratch_top1`),
-in the same invocation: on small sets random features are strong, and a pretrained number alone says little.
-The VAE, image size, patch size and model size come from the pretraining checkpoint, of any objective (a diffusion
-relative's encoder is read at model time 0, no noise, no mask). Writes OUT/results.json (top-1 best and final;
+knn and linprobe read the class token after the final norm (--features mean: the mean patch token) and, in the
+same invocation, measure the floors beside it: the LMD network of the same size and seed at random init
+(`random_init_top1`; on small sets random features are strong) and the raw pixels (`raw_pixels_top1`). A diffusion
+relative's encoder (no mask) is probed at model time 0, clean, and at 1, its lowest noise level; `top1` is the
+least noisy of the two it trained on (util/probes.py, docs/probes.md). The VAE, image size, patch size and model
+size come from the pretraining checkpoint, of any objective. Writes OUT/results.json (top-1 best and final;
 reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
 """
 
@@ -37,11 +39,11 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
 DEFAULTS = dict(
-    checkpoint=None, mode="linprobe", init="pretrained", dataset=None, allow_other_dataset=False, data_dir=None,
-    synthetic_size=None, vae=None, model=None, image_size=None, patch_size=None,
-    epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None, layer_decay=0.65,
-    label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None, device="auto",
-    seed=0, out=None,
+    checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, dataset=None,
+    allow_other_dataset=False, data_dir=None, synthetic_size=None, vae=None, model=None, image_size=None,
+    patch_size=None, epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None,
+    layer_decay=0.65, label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None,
+    device="auto", seed=0, out=None,
 )
 # MAE's recipes. Linear probe: 90 epochs, no weight decay, base lr 0.5 where MAE has 0.1: MAE's 0.1 is for LARS at
 # batch 16,384; here plain SGD with momentum at 0.5 lands within 2 points of L-BFGS logistic regression on the same
@@ -55,6 +57,7 @@ RECIPES = dict(
 CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
 GEOMETRY = ("vae", "model", "image_size", "patch_size")
 TRAINING_FLAGS = ("epochs", "base_lr", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
+PROBE_FLAGS = ("features", "raw_pixels")
 
 
 def build_parser():
@@ -69,6 +72,13 @@ def build_parser():
     add("--init", choices=("pretrained", "scratch"), default=DEFAULTS["init"],
         help="finetune: 'scratch' trains the same classifier from random weights (the baseline); the probes "
              "always measure both")
+    add("--features", choices=probes.READINGS,
+        help="what knn and linprobe read from the encoder's tokens after its final norm: 'cls' the class token "
+             "(MAE's linear probe), 'mean' the mean of the patch tokens (MAE's global_pool); the floors are read "
+             "the same way (default: cls)")
+    add("--raw-pixels", action=argparse.BooleanOptionalAction,
+        help="knn and linprobe: also probe the flattened pixels of the same images, N x 3 x S x S floats in memory "
+             "(default: on)")
     add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
@@ -105,8 +115,12 @@ def resolve_config(flags, checkpoint_path, pretrained):
                             "older train.py? Pretrain again")
     config = {**DEFAULTS, **flags}
     if config["mode"] != "finetune" and config["init"] == "scratch":
-        raise cli.UserError(f"--mode {config['mode']} already measures the random-init encoder (scratch_top1 in "
+        raise cli.UserError(f"--mode {config['mode']} already measures the random-init encoder (random_init_top1 in "
                             "results.json); drop --init scratch")
+    given = [f"--{flag.replace('_', '-')}" for flag in PROBE_FLAGS if flag in flags]
+    if given and config["mode"] == "finetune":
+        raise cli.UserError(f"{' and '.join(given)} belong to knn and linprobe; --mode finetune reads the mean patch "
+                            "token")
     ignored = [flag for flag in TRAINING_FLAGS if flag in flags and config["mode"] == "knn"]
     if ignored:   # one note, not an error: a sweep script may pass the same flags to every mode
         print(f"note: --mode knn trains nothing; ignoring --{', --'.join(f.replace('_', '-') for f in ignored)}",
@@ -134,7 +148,7 @@ def resolve_config(flags, checkpoint_path, pretrained):
     is_dir = os.path.isdir(checkpoint_path)
     config["checkpoint"] = os.path.abspath(os.path.join(checkpoint_path, "checkpoint.pt") if is_dir
                                            else checkpoint_path)
-    suffix = f"-{config['init']}" if config["mode"] == "finetune" else ""
+    suffix = f"-{config['init']}" if config["mode"] == "finetune" else "-mean" * (config["features"] == "mean")
     config["out"] = config["out"] or os.path.join(os.path.dirname(config["checkpoint"]), config["mode"] + suffix)
     for flag in ("epochs", "batch_size"):
         if config[flag] < (flag == "batch_size" or config["mode"] != "knn"):
@@ -144,11 +158,13 @@ def resolve_config(flags, checkpoint_path, pretrained):
     return config
 
 
-def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe):
+def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objective=None):
     """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The
-    network is the checkpoint's objective's (a relative's encoder reads time 0: relatives/diffusion.py)."""
+    network is the checkpoint's objective's, or `objective`'s ('lmd': the probes' floor), of the same size and
+    seed (a relative's classifier reads time 0: relatives/diffusion.py)."""
     torch.manual_seed(checkpoint["config"]["seed"])
-    autoencoder = checkpoints.build_model({**checkpoint["config"], **{key: config[key] for key in GEOMETRY}},
+    network = {**checkpoint["config"], **{key: config[key] for key in GEOMETRY}}
+    autoencoder = checkpoints.build_model({**network, "objective": objective or network.get("objective", "lmd")},
                                           projection)
     if init == "pretrained":
         checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
@@ -157,30 +173,34 @@ def build_classifier(config, checkpoint, projection, num_classes, init, linear_p
 
 
 def run_probes(config, checkpoint, projection, train_data, val_data, dist):
-    """knn or linprobe of the pretrained encoder and of its random init -> the results.json fields."""
+    """knn or linprobe of every encoder of probes.probe_plan, then of the raw pixels -> (the results.json fields,
+    the pretrained classifier)."""
     flips = (0,) if config["mode"] == "knn" or config["dataset"] in datasets.NO_FLIP else (0, 1)
-    results = {}
-    for init in ("pretrained", "scratch"):
-        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True)
+    recipe = dict(epochs=config["epochs"], batch_size=config["batch_size"], seed=config["seed"],
+                  base_lr=config["lr"] * 256 / config["batch_size"], warmup_epochs=config["warmup_epochs"])
+    measured, pretrained = {}, None
+    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"]).items():
+        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True, objective)
         classifier = classifier.to(dist.device)
-        train_features, train_labels = probes.split_features(classifier, train_data, dist, flips)
-        val_features, val_labels = probes.split_features(classifier, val_data, dist, (0,))
-        if config["mode"] == "knn":
-            top1 = probes.knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels,
-                                   device=dist.device)
-            summary, history = dict(best=top1, final=top1), []
-        else:
-            history = probes.linear_probe(train_features, train_labels, val_features[:, 0], val_labels,
-                                          config["epochs"], config["batch_size"], config["lr"] * 256 /
-                                          config["batch_size"], config["warmup_epochs"], config["seed"],
-                                          device=dist.device)
-            summary = probes.summarise(history)
-        results["top1" if init == "pretrained" else "scratch_top1"] = summary
-        results["history" if init == "pretrained" else "scratch_history"] = history
-        if dist.is_main:
-            print(f"{config['mode']} top-1, {init} encoder: {summary['final']:.4f} (val {len(val_data)} images, "
-                  f"standard error {probes.standard_error(summary['final'], len(val_data)):.4f})", file=sys.stderr)
-    return results, classifier
+        if init == "pretrained" and pretrained is None:   # the one whose inference speed is measured
+            pretrained = classifier
+        train, val = (probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"])
+                      for data, views in ((train_data, flips), (val_data, (0,))))
+        measured[name] = probes.probe(config["mode"], train, val, device=dist.device, **recipe)
+        report(config, name, measured[name][0], len(val_data), dist)
+    if config["raw_pixels"]:
+        train, val = probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,))
+        measured["raw_pixels"] = probes.probe(config["mode"], train, val, device=dist.device, **recipe)
+        report(config, "raw_pixels", measured["raw_pixels"][0], len(val_data), dist)
+    return probes.result_fields(measured, checkpoint["config"]), pretrained
+
+
+def report(config, name, summary, count, dist):
+    """One line per probe on the main process: its top-1 and standard error."""
+    if dist.is_main:
+        print(f"{config['mode']} top-1 ({config['features']}), {name.replace('_', ' ')}: {summary['final']:.4f} "
+              f"(val {count} images, standard error {probes.standard_error(summary['final'], count):.4f})",
+              file=sys.stderr)
 
 
 def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, autocast):
@@ -260,6 +280,7 @@ def main(argv=None):
         fields, classifier = run_probes(config, checkpoint, projection, train_data, val_data, dist)
     if dist.is_main:
         results = dict(**fields, mode=config["mode"], init=config["init"], epochs=config["epochs"],
+                       features=config["features"] if config["mode"] != "finetune" else "mean",
                        checkpoint=config["checkpoint"], dataset=config["dataset"], vae=config["vae"],
                        vae_provenance=pretrained.get("vae_provenance"), model=config["model"],
                        num_classes=len(train_data.classes), val_images=len(val_data),
@@ -269,13 +290,14 @@ def main(argv=None):
         for measured in (False, True):   # written before the optional measurement: nothing is lost if it fails
             if measured:
                 batch = torch.stack([val_data.images[i][0] for i in range(min(64, len(val_data)))])
-                with_vae, latents_only = probes.inference_throughput(classifier, projection, batch, dist.device, autocast,
-                                                    config["encode_batch_size"])
+                with_vae, latents_only = probes.inference_throughput(classifier, projection, batch, dist.device,
+                                                                     autocast, config["encode_batch_size"])
                 results.update(images_per_second_with_vae=with_vae, images_per_second_latents_only=latents_only,
                                throughput_batch_size=len(batch))
             with open(path, "w") as file:
                 json.dump(results, file, indent=2)
-        scratch = f", random init {results['scratch_top1']['final']:.4f}" if "scratch_top1" in results else ""
+        scratch = (f", random init (LMD network) {results['random_init_top1']['final']:.4f}"
+                   if "random_init_top1" in results else "")
         print(f"done: {config['mode']} top-1 {results['top1']['final']:.4f}{scratch}; inference {with_vae:.0f} "
               f"images/s with the VAE encoding, {latents_only:.0f} from latents; {path}", file=sys.stderr)
     if dist.enabled:

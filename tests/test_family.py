@@ -1,5 +1,6 @@
 """tools/family.py end to end on tiny settings: a one-stage row that cannot generate (MAE) and a two-stage row
-(MaskDM, stage 2 from stage 1 by --init), each probed beside its random init, the generative one judged."""
+(MaskDM, stage 2 from stage 1 by --init), each probed beside the same floors (the LMD network's random init, the raw
+pixels), MaskDM at both model times and its own init apart, the generative one judged."""
 
 import json
 
@@ -19,17 +20,31 @@ def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
     rows = {record["row"]: record for record in records}
     assert set(rows) == {"mae", "maskdm"}
     for record in records:
-        assert 0 <= record["knn_top1"] <= 1 and 0 <= record["knn_random_init"] <= 1
-        assert 0 <= record["linprobe_top1"] <= 1 and 0 <= record["linprobe_random_init"] <= 1
-        assert record["training_seconds"] > 0
+        for probe in ("knn", "linprobe"):
+            for name in ("top1", "random_init", "raw_pixels"):
+                assert 0 <= record[f"{probe}_{name}"] <= 1
+        assert record["training_seconds"] > 0 and record["features"] == "cls"
+    # every row's floor is the same LMD network; MaskDM's own init and both its model times are apart
+    assert rows["mae"]["knn_random_init"] == rows["maskdm"]["knn_random_init"]
+    assert rows["mae"]["knn_raw_pixels"] == rows["maskdm"]["knn_raw_pixels"]
+    assert "knn_own_init" not in rows["mae"] and rows["mae"]["probe_time"] is None
+    assert rows["maskdm"]["probe_time"] == 1 and rows["maskdm"]["knn_top1"] == rows["maskdm"]["knn_time1"]
+    assert {"knn_own_init", "knn_time0", "linprobe_own_init", "linprobe_time0"} <= set(rows["maskdm"])
     assert "fd_normalised" not in rows["mae"]                                  # MAE cannot generate
     assert rows["maskdm"]["num_images"] == 8 and rows["maskdm"]["classes_present"] >= 1
     stage2 = json.loads((out / "maskdm" / "seed0" / "stage2-ddpm" / "config.json").read_text())
     assert stage2["init_from"]["objective"] == "maskdm" and stage2["steps"] == 1       # the budget split in half
     table = (docs / "family.md").read_text()
     assert "python tools/family.py --dataset synthetic" in table                # the command that made it
-    assert "| MAE (constant 0.75) | 1 |" in table and "cannot generate" in table
+    assert "| MAE (constant 0.75) | 1 | no time (LMD) |" in table and "cannot generate" in table
+    assert "`--features cls`" in table and "its own init (chance for adaLN-Zero)" in table
+    assert "Raw pixels (no encoder" in table and "| kNN, model time 0 (clean) |" in table
     assert (docs / "family.png").stat().st_size > 5000 and (docs / "family_maskdm.png").exists()
     assert not (docs / "family_mae.png").exists()
-    # a second call finds every record and trains nothing
+    # a second call finds every record and trains nothing; with the other reading it probes again, and only that
     assert family.main(argv) == records
+    mean = family.main(argv + ["--features", "mean"])
+    assert [r["features"] for r in mean] == ["mean", "mean"]
+    assert (out / "mae" / "seed0" / "stage1-lmd" / "knn-mean" / "results.json").exists()
+    assert [r["training_seconds"] for r in mean] == [r["training_seconds"] for r in records]
+    assert "`--features mean`" in (docs / "family.md").read_text()

@@ -1,6 +1,7 @@
 """finetune.py: a short pretraining on real digits, then the probes (kNN and the cached-feature linear probe,
-each beside the same seed's random init), fine-tuning end to end as a subprocess, and the clear errors for
-checkpoints that do not fit. One test fails if pretraining stops helping."""
+each beside the floors: the same seed's random init of the LMD network, the raw pixels; a ddpm checkpoint's floor
+above its own chance-level init), fine-tuning end to end as a subprocess, and the clear errors for checkpoints that
+do not fit. One test fails if pretraining stops helping."""
 
 import contextlib
 import io
@@ -20,6 +21,7 @@ from util import devices
 from util import latent_cache
 from util import optim
 from util import probes as probe_util
+import relatives
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,11 +77,37 @@ def test_pretraining_helps(knn):
     assert pretrained > scratch + margin, f"kNN: pretrained {pretrained:.3f}, random init {scratch:.3f}"
 
 
-def test_knn_results_carry_the_random_init_baseline(run, knn):
+def test_knn_results_carry_the_floors(run, knn):
     assert knn["mode"] == "knn" and knn["val_images"] == 360 and knn["checkpoint"] == str(run / "checkpoint.pt")
-    for key in ("top1", "scratch_top1"):
+    assert knn["features"] == "cls" and knn["probe_time"] is None and "own_init_top1" not in knn   # an LMD run
+    for key in ("top1", "random_init_top1", "raw_pixels_top1"):
         assert set(knn[key]) == {"best", "final"} and knn[key]["best"] == knn[key]["final"]
-    assert knn["scratch_top1"]["final"] > 0.5          # random features are strong on digits: hence the baseline
+    assert knn["random_init_top1"]["final"] > 0.5      # random features are strong on digits: hence the floor
+    assert knn["scratch_top1"] == knn["random_init_top1"]                # the floor's older name
+    assert knn["raw_pixels_top1"]["final"] == 347 / 360  # raw-pixel kNN on the digits, 32 px (the notebook's 0.964)
+
+
+@pytest.fixture(scope="module")
+def ddpm_knn(run, knn):
+    """kNN of a ddpm checkpoint at its own init, saved directly (no training), of the digits run's seed and size."""
+    config = dict(checkpoints.load_checkpoint(str(run))["config"], objective="ddpm", out=str(run.parent / "ddpm"),
+                  **relatives.TRAINING_DEFAULTS["ddpm"])
+    torch.manual_seed(config["seed"])
+    model = checkpoints.build_model(config, lmd.LatentProjection())
+    checkpoints.save_run(str(run.parent / "ddpm" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()),
+                         config["steps"], config, torch.device("cpu"))
+    return probe(run.parent / "ddpm", "knn", "--no-raw-pixels")
+
+
+def test_a_ddpm_checkpoints_floor_is_the_lmd_network_not_its_chance_level_init(knn, ddpm_knn):
+    """adaLN-Zero starts as the identity: every digit gets one class token, kNN at chance. The floor is the LMD
+    network of the same size and seed, the very floor of the LMD run."""
+    own, floor = ddpm_knn["own_init_top1"]["final"], ddpm_knn["random_init_top1"]["final"]
+    assert own < 0.15 and floor > own + 2 * probe_util.standard_error(floor, 360)
+    assert ddpm_knn["random_init_top1"] == knn["random_init_top1"]
+    # read at model time 0 (never trained) and 1 (noise level 0, trained): the table's is the lowest trained
+    assert ddpm_knn["probe_time"] == 1 and ddpm_knn["top1"] == ddpm_knn["time1_top1"] and "time0_top1" in ddpm_knn
+    assert "raw_pixels_top1" not in ddpm_knn                             # --no-raw-pixels
 
 
 def test_knn_votes_by_weighted_similarity():
@@ -113,9 +141,10 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
 
 def test_linear_probe_results_and_baseline(run, linprobe):
     results = linprobe
-    assert results["epochs"] == 5 and len(results["history"]) == len(results["scratch_history"]) == 5
-    for key in ("top1", "scratch_top1"):
+    assert results["epochs"] == 5 and len(results["history"]) == len(results["random_init_history"]) == 5
+    for key in ("top1", "random_init_top1", "raw_pixels_top1"):
         assert set(results[key]) == {"best", "final", "best_epoch"}
+    assert len(results["raw_pixels_history"]) == 5 and results["raw_pixels_top1"]["final"] > 0.8
     assert results["images_per_second_latents_only"] > 0
     assert not (run.parent / "linprobe" / "classifier.pt").exists()    # a probe trains a head, not a classifier
 
@@ -195,6 +224,13 @@ def test_mismatched_dataset_vae_and_size_are_refused(run, capsys):
     assert "pretrained with tiny" in refused(capsys, base + ["--model", "small"])
     assert "pretrained with 32" in refused(capsys, base + ["--image-size", "64"])
     assert "already measures the random-init" in refused(capsys, base + ["--mode", "knn", "--init", "scratch"])
+    assert "belong to knn and linprobe" in refused(capsys, base + ["--mode", "finetune", "--features", "mean"])
+
+
+def test_the_mean_reading_has_its_own_output_directory(run):
+    pretrained = checkpoints.load_checkpoint(str(run))["config"]
+    config = finetune.resolve_config(dict(checkpoint=str(run), mode="knn", features="mean"), str(run), pretrained)
+    assert config["out"] == str(run / "knn-mean") and config["features"] == "mean"
 
 
 def test_knn_ignores_training_flags_with_a_note(knn_and_stderr):
@@ -224,3 +260,4 @@ def test_torchrun_two_cpu_processes_linear_probe(run, linprobe):
     single = linprobe
     top1 = lambda history: [epoch["top1"] for epoch in history]  # noqa: E731
     assert results["world_size"] == 2 and top1(results["history"]) == pytest.approx(top1(single["history"]), abs=0.01)
+    assert top1(results["raw_pixels_history"]) == pytest.approx(top1(single["raw_pixels_history"]), abs=0.01)

@@ -1,8 +1,14 @@
 """util/probes.py: the linear probe's head is a function of its seed alone; the kNN blocks and the chunked
-validation of the linear probe give exactly the unchunked results."""
+validation of the linear probe give exactly the unchunked results; the two readings, the floors (the LMD network's
+random init, the raw pixels) and the model times a diffusion encoder is read at."""
 
+import pytest
 import torch
 
+import lmd
+from relatives import ddpm
+from relatives import diffusion
+from util import devices
 from util import probes
 
 
@@ -54,3 +60,113 @@ def test_knn_in_blocks_equals_the_unblocked_knn():
     for chunk, train_chunk in ((1024, 64), (17, 25), (5, 300)):
         assert probes.knn_top1(train, train_labels, val, val_labels, chunk=chunk, train_chunk=train_chunk,
                                device="cpu") == whole
+
+
+def tiny_encoder(objective, seed=0):
+    """A random-init tiny encoder on 8 x 8 x 4 latents (16 tokens of 2 x 2 x 4): LMD's, or ddpm's (adaLN-Zero)."""
+    torch.manual_seed(seed)
+    network = lmd.MaskedLatentViT if objective == "lmd" else ddpm.DDPM
+    return lmd.LatentClassifier(network("tiny", 8, 2, 4), 10, linear_probe=True).eval()
+
+
+@torch.no_grad()
+def test_both_readings_have_the_encoders_width_and_differ():
+    encoder, latents = tiny_encoder("lmd").encoder, torch.randn(5, 4, 8, 8)
+    cls, mean = (probes.probe_features(encoder, latents, reading) for reading in probes.READINGS)
+    width = encoder.norm.normalized_shape[0]
+    assert cls.shape == mean.shape == (5, width) and not torch.allclose(cls, mean, atol=1e-3)
+    encoded = encoder.encode_tokens(encoder.embed(latents))
+    assert torch.equal(cls, encoded[:, 0]) and torch.allclose(mean, encoded[:, 1:].mean(dim=1))
+    with pytest.raises(ValueError, match="unknown reading"):
+        probes.probe_features(encoder, latents, "pooled")
+
+
+@torch.no_grad()
+def test_an_adaln_zero_init_gives_every_image_one_class_token_and_the_lmd_floor_does_not():
+    """Why the floor is the LMD network: ddpm's own init starts as the identity, its class token is a constant."""
+    latents = torch.randn(6, 4, 8, 8)
+    own = probes.probe_features(tiny_encoder("ddpm").encoder, latents, "cls", torch.ones(6))
+    floor = probes.probe_features(tiny_encoder("lmd").encoder, latents, "cls")
+    assert torch.allclose(own, own[:1].expand_as(own), atol=1e-6)                   # at chance under any probe
+    assert floor.std(dim=0).mean() > 1e-2
+    own_mean = probes.probe_features(tiny_encoder("ddpm").encoder, latents, "mean", torch.ones(6))
+    assert own_mean.std(dim=0).mean() > 1e-2     # its mean patch token still varies: the patch embedding
+
+
+def test_lowest_trained_time():
+    assert probes.lowest_trained_time({"objective": "lmd"}) is None and probes.lowest_trained_time({}) is None
+    assert probes.lowest_trained_time({"objective": "ddpm"}) == probes.lowest_trained_time({"objective": "maskdm"}) == 1
+    assert probes.lowest_trained_time({"objective": "umd", "clean_share": 0.5}) == 0   # its clean half: time 0
+    assert probes.lowest_trained_time({"objective": "umd", "clean_share": 0.0}) == 1   # no clean half
+
+
+@torch.no_grad()
+def test_time_1_is_noise_level_0_with_each_images_own_noise():
+    latents = torch.randn(4, 4, 8, 8)
+    assert probes.at_time(latents, None, None, 0) == (latents, None)
+    clean, zeros = probes.at_time(latents, 0, torch.arange(4), 0)
+    assert clean is latents and zeros.tolist() == [0] * 4
+    noised, ones = probes.at_time(latents, 1, torch.tensor([7, 8, 9, 10]), seed=3)
+    alpha = diffusion.noise_schedule().alphas_cumprod[0]
+    noise = (noised - alpha.sqrt() * latents) / (1 - alpha).sqrt()
+    assert ones.tolist() == [1] * 4 and (1 - alpha).sqrt() == pytest.approx(0.0064, abs=1e-4)
+    assert 0.8 < noise.std() < 1.2
+    again, _ = probes.at_time(latents[2:3], 1, torch.tensor([9]), seed=3)   # image 9 alone, another batch
+    assert torch.allclose(again, noised[2:3])
+    other, _ = probes.at_time(latents, 1, torch.tensor([7, 8, 9, 10]), seed=4)
+    assert not torch.allclose(other, noised)
+    encoder = tiny_encoder("ddpm").encoder
+    for block in encoder.blocks:   # a trained-looking network: the time matters
+        torch.nn.init.normal_(block.modulation[1].weight, std=0.2)
+    at = {}
+    for time in (0, 1):
+        inputs, times = probes.at_time(latents, time, torch.arange(4), 0)
+        at[time] = probes.probe_features(encoder, inputs, "cls", times)
+    assert not torch.allclose(at[0], at[1], atol=1e-4)
+
+
+class Images(torch.utils.data.Dataset):
+    """A split_pixels input: images [N, 3, S, S] in [0, 1] and labels [N], as latent_cache.Split.images gives."""
+
+    def __init__(self, images, labels):
+        self.images, self.labels, self.workers = self, labels, 0
+        self.data = images
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.data[index], self.labels[index]
+
+
+def test_raw_pixels_are_the_flattened_images_and_probe_separable_data_perfectly():
+    """Class 0 has ink on the left half, class 1 on the right: raw-pixel kNN and linear probe both get 1.0."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(40) % 2
+    images = 0.3 * torch.rand(40, 3, 4, 4, generator=generator)
+    images[labels == 0, :, :, :2] += 0.7
+    images[labels == 1, :, :, 2:] += 0.7
+    dist = devices.Distributed("cpu")
+    (train, train_labels), (val, val_labels) = (probes.split_pixels(Images(images[part], labels[part]), dist, (0, 1))
+                                                for part in (slice(0, 30), slice(30, 40)))
+    assert train.shape == (30, 2, 48) and torch.equal(train_labels, labels[:30])
+    assert torch.equal(train[:, 0], images[:30].flatten(1))
+    assert torch.equal(train[:, 1], images[:30].flip(-1).flatten(1))   # the mirror view
+    knn, _ = probes.probe("knn", (train, train_labels), (val, val_labels))
+    linear, history = probes.probe("linprobe", (train[:, :1], train_labels), (val, val_labels), epochs=30,
+                                   batch_size=10, warmup_epochs=3)
+    assert knn == dict(best=1.0, final=1.0) and linear["final"] == 1.0 and len(history) == 30
+
+
+def test_result_fields_name_every_probe_and_put_the_lowest_trained_time_first():
+    summary = lambda top1: (dict(best=top1, final=top1), [])   # noqa: E731
+    plan = probes.probe_plan({"objective": "ddpm"})
+    assert plan["random_init"] == ("scratch", "lmd", None) and plan["own_init"] == ("scratch", None, 1)
+    measured = {name: summary(0.1 * i) for i, name in enumerate([*plan, "raw_pixels"])}
+    fields = probes.result_fields(measured, {"objective": "ddpm"})
+    assert fields["top1"] == fields["time1_top1"] and fields["probe_time"] == 1
+    assert fields["scratch_top1"] == fields["random_init_top1"] != fields["own_init_top1"]
+    assert {"time0_top1", "raw_pixels_top1", "raw_pixels_history"} <= set(fields)
+    lmd_fields = probes.result_fields({"pretrained": summary(0.9), "random_init": summary(0.5)}, {})
+    assert lmd_fields["top1"]["final"] == 0.9 and lmd_fields["probe_time"] is None
+    assert "own_init_top1" not in lmd_fields and "time0_top1" not in lmd_fields

@@ -13,8 +13,10 @@ The rows (--rows picks some), each trained by train.py with the same step budget
     lmd_ddpm    LMD (cosine), then ddpm --init: can LMD's encoder prime a diffusion model?
     umd_ft      (not run by default) UMD, then its generation fine-tuning: --mask-ratio 0 --clean-share 0.05
 
-Each final model is probed by finetune.py (kNN and the linear probe, each beside the same seed's random init of the
-same network) and, if it can generate, sampled by sample.py (DDIM) and judged by util.judge (fd_normalised: 0 is
+Each final model is probed by finetune.py (kNN and the linear probe, one --features reading for every row, each
+beside the same floors: the LMD network of the same size and seed at random init, and the raw pixels; a diffusion
+row is read at the least noisy model time it trained on, and its own init is shown where it differs) and, if it can
+generate, sampled by sample.py (DDIM) and judged by util.judge (fd_normalised: 0 is
 the real data, 1 the blurred data; the classes present among the samples). Training seconds are train.py's own
 clock of its training loop (metrics.jsonl), every stage summed. A step budget rather than a wall-clock one: on a
 shared machine the clock measures the neighbours too; the seconds column shows what each row's steps cost.
@@ -61,7 +63,8 @@ LABELS = dict(mae="MAE (constant 0.75)", lmd="LMD (cosine)", maskdm="MaskDM (sta
 DEFAULT_ROWS = ("mae", "lmd", "maskdm", "umd", "ddpm", "lmd_ddpm")
 DEFAULTS = dict(dataset="digits", data_dir="./data", vae=None, image_size=None, synthetic_size=None, patch_size=None,
                 model="tiny", batch_size=64,
-                steps=1500, seeds=3, first_seed=0, rows=",".join(DEFAULT_ROWS), linprobe_epochs=90, num_images=500,
+                steps=1500, seeds=3, first_seed=0, rows=",".join(DEFAULT_ROWS), features="cls", linprobe_epochs=90,
+                num_images=500,
                 sampling_steps=50, device="cpu", out="runs/family", docs=None)
 
 
@@ -82,6 +85,10 @@ def build_parser():
                                                        "parallel calls, then one call over all reads them all "
                                                        "(default: %(default)s)")
     parser.add_argument("--rows", help=f"comma-separated, of {', '.join(ROWS)} (default: %(default)s)")
+    parser.add_argument("--features", choices=finetune.probes.READINGS,
+                        help="what every probe reads, as finetune.py's --features: 'cls' the class token, 'mean' "
+                             "the mean patch token; runs probed with the other are probed again (default: "
+                             "%(default)s)")
     parser.add_argument("--linprobe-epochs", type=int, help="epochs of each linear probe (default: %(default)s)")
     parser.add_argument("--num-images", type=int, help="samples judged per generative run (default: %(default)s)")
     parser.add_argument("--sampling-steps", type=int, help="DDIM steps, eta 0, for every row (default: %(default)s)")
@@ -117,16 +124,33 @@ def training_seconds(run):
     return last["step"] * batch / last["images_per_second"]
 
 
+# finetune.py's results.json fields -> a record's, after the probe's name: knn_top1, knn_random_init, ...
+PROBE_FIELDS = dict(top1="top1", random_init="random_init_top1", own_init="own_init_top1",
+                    raw_pixels="raw_pixels_top1", time0="time0_top1", time1="time1_top1")
+
+
 def probe(args, run, mode):
-    """finetune.py --mode knn | linprobe on the run -> (top-1, the same seed's random init's top-1)."""
-    out = os.path.join(run, mode)
-    argv = ["--checkpoint", run, "--mode", mode, "--device", args.device, "--out", out]
+    """finetune.py --mode knn | linprobe --features F on the run -> the record's fields of that probe: its top-1,
+    the floors (the LMD network's random init, the raw pixels), a diffusion run's own init and both model times."""
+    out = os.path.join(run, mode + "-mean" * (args.features == "mean"))
+    argv = ["--checkpoint", run, "--mode", mode, "--features", args.features, "--device", args.device, "--out", out]
     if mode == "linprobe":
         argv += ["--epochs", str(args.linprobe_epochs), "--warmup-epochs", str(min(10, args.linprobe_epochs // 9))]
     finetune.main(argv)
     with open(os.path.join(out, "results.json")) as file:
         results = json.load(file)
-    return results["top1"]["final"], results["scratch_top1"]["final"]
+    fields = {f"{mode}_{name}": results[key]["final"] for name, key in PROBE_FIELDS.items() if key in results}
+    return dict(fields, features=results["features"], probe_time=results["probe_time"])
+
+
+def probe_all(args, record):
+    """Both probes of a record's final run, written into the record (a record of another reading, or from before
+    the floors, loses its probe fields first)."""
+    for key in [key for key in record if key.startswith(("knn_", "linprobe_"))]:
+        del record[key]
+    for mode in ("knn", "linprobe"):
+        record.update(probe(args, record["run"], mode))
+    return record
 
 
 def run_row(args, row, seed):
@@ -135,7 +159,11 @@ def run_row(args, row, seed):
     record_path = os.path.join(directory, "record.json")
     if os.path.exists(record_path):   # finished by an earlier call: the table is rebuilt from it
         with open(record_path) as file:
-            return json.load(file)
+            record = json.load(file)
+        if record.get("features") != args.features:   # probed with the other reading, or before the floors
+            with open(record_path, "w") as file:
+                json.dump(probe_all(args, record), file, indent=2)
+        return record
     stages, seconds, previous = ROWS[row], 0.0, None
     for index, (objective, extra) in enumerate(stages):
         steps = args.steps // len(stages) if index < len(stages) - 1 else args.steps - (len(stages) - 1) * (
@@ -149,8 +177,7 @@ def run_row(args, row, seed):
         previous = run
     record = dict(row=row, seed=seed, run=previous, objective=stages[-1][0], steps=args.steps,
                   training_seconds=round(seconds, 1))
-    record["knn_top1"], record["knn_random_init"] = probe(args, previous, "knn")
-    record["linprobe_top1"], record["linprobe_random_init"] = probe(args, previous, "linprobe")
+    probe_all(args, record)
     if stages[-1][0] in relatives.GENERATIVE:
         samples = os.path.join(directory, "samples")
         result = sample.main(["--checkpoint", previous, "--out", samples, "--num-images", str(args.num_images),
@@ -175,10 +202,23 @@ def spread(values, digits=3):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+READ_AT = {None: "no time (LMD)", 0: "model time 0, clean", 1: "model time 1, noise level 0"}
+
+
+def per_seed(records, key):
+    """A floor's values, one per seed (every row of a seed measures the same floor) -> [value]."""
+    return list({r["seed"]: r[key] for r in records if key in r}.values())
+
+
 def table(records):
-    """The markdown table: a line per row, mean ± std over its seeds."""
-    lines = ["| row | seeds | kNN top-1 | its random init | linear probe top-1 | its random init | fd_normalised | "
-             "classes present (max share) | training seconds |", "|---|---|---|---|---|---|---|---|---|"]
+    """The markdown tables: a line per row, mean ± std over its seeds, one reading for every row; the raw pixels;
+    the diffusion rows at both model times."""
+    features = records[0]["features"] if records else "cls"
+    own = "its own init (chance for adaLN-Zero)" if features == "cls" else "its own init (adaLN-Zero)"
+    lines = [f"| row | seeds | read at | kNN top-1 | random init | {own} | linear probe top-1 | random init | {own} | "
+             "fd_normalised | classes present (max share) | training seconds |", "|---" * 12 + "|"]
+    times = ["| row | kNN, model time 0 (clean) | kNN, model time 1 (noise level 0) | linear probe, time 0 | "
+             "linear probe, time 1 |", "|---" * 5 + "|"]
     for row in ROWS:
         mine = [r for r in records if r["row"] == row]
         if not mine:
@@ -187,16 +227,24 @@ def table(records):
         generative = "fd_normalised" in mine[0]
         coverage = (f"{min(column('classes_present'))}-{max(column('classes_present'))} of "
                     f"{mine[0]['num_classes']} ({max(column('max_class_fraction')):.0%})") if generative else "–"
-        lines.append(f"| {LABELS[row]} | {len(mine)} | {spread(column('knn_top1'))} | "
-                     f"{spread(column('knn_random_init'))} | {spread(column('linprobe_top1'))} | "
-                     f"{spread(column('linprobe_random_init'))} | "
+        lines.append(f"| {LABELS[row]} | {len(mine)} | {READ_AT[mine[0]['probe_time']]} | "
+                     + " | ".join(spread(column(f"{probe}_{name}")) for probe in ("knn", "linprobe")
+                                  for name in ("top1", "random_init", "own_init")) + " | "
                      f"{spread(column('fd_normalised'), 2) if generative else 'cannot generate'} | {coverage} | "
                      f"{spread(column('training_seconds'), 0)} |")
-    return "\n".join(lines) + "\n"
+        if "knn_time0" in mine[0]:
+            times.append(f"| {LABELS[row]} | " + " | ".join(spread(column(f"{probe}_time{time}")) for probe in
+                                                           ("knn", "linprobe") for time in (0, 1)) + " |")
+    pixel = lambda probe: spread(sorted(set(per_seed(records, f"{probe}_raw_pixels"))))   # noqa: E731
+    pixels = (f"Raw pixels (no encoder; the same images and splits): kNN {pixel('knn')}, linear probe "
+              f"{pixel('linprobe')}.\n")
+    text = (f"Every probe reads the {'class token' if features == 'cls' else 'mean patch token'} after the final "
+            f"norm (`--features {features}`).\n\n" + "\n".join(lines) + "\n\n" + pixels)
+    return text + ("\n" + "\n".join(times) + "\n" if len(times) > 2 else "")
 
 
 def plot(records, path):
-    """kNN top-1 against fd_normalised, a point per seed, a colour per generative row; the random init dashed."""
+    """kNN top-1 against fd_normalised, a point per seed, a colour per generative row; the floors as levels."""
     from matplotlib.figure import Figure
     figure = Figure(figsize=(6.5, 4.5), layout="constrained")
     axes = figure.subplots()
@@ -210,10 +258,15 @@ def plot(records, path):
         if mine:
             axes.axhline(statistics.mean(r["knn_top1"] for r in mine), color=f"C{index}", linewidth=1,
                          label=f"{LABELS[row]} (cannot generate)")
-    if records:
-        axes.axhline(statistics.mean(r["knn_random_init"] for r in records), color="grey", linestyle="--",
-                     linewidth=1, label="random init (mean of the rows)")
-    axes.set(xlabel="fd_normalised (lower is better: 0 real, 1 blurred)", ylabel="kNN top-1 (higher is better)",
+    floors = (("knn_random_init", "--", "random init of the LMD network (every row's floor)"),
+              ("knn_raw_pixels", ":", "raw pixels"))
+    for key, style, label in floors:   # one value per seed, the same for every row: never an objective's own init
+        if per_seed(records, key):
+            axes.axhline(statistics.mean(per_seed(records, key)), color="grey", linestyle=style, linewidth=1,
+                         label=label)
+    reading = records[0]["features"] if records else "cls"
+    axes.set(xlabel="fd_normalised (lower is better: 0 real, 1 blurred)",
+             ylabel=f"kNN top-1, --features {reading} (higher is better)",
              title="one model for both jobs? (up and to the left is better)")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
@@ -244,9 +297,12 @@ def write_docs(args, argv, records, machine):
         f"Made by `{' '.join(['python tools/family.py', *argv])}` ({machine}).\n",
         f"Every row: the {args.model} model on {space}, {args.steps} optimizer steps of {args.batch_size} images "
         "(two-stage rows: half and half), seeds as counted. Probes of the final model (finetune.py): kNN (20-NN, "
-        f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), each beside the same seed's "
-        "random init of the same network, on the validation split. Mean ± std over seeds. Training seconds: the "
-        "training loops only (train.py's clock), every stage summed.\n",
+        f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), on the validation split, each "
+        "beside the same floor for every row: the LMD network of the same size and seed at random init (an "
+        "adaLN-Zero network's own init starts as the identity, shown apart where it differs), and the raw pixels. "
+        "A diffusion encoder is read at the least noisy model time it trained on (column 'read at'; both times "
+        "below the table). Mean ± std over seeds. Training seconds: the training loops only (train.py's clock), "
+        "every stage summed.\n",
         table(records),
         judge_line + "\n",
         "![kNN top-1 against fd_normalised](family.png)\n",

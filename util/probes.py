@@ -1,11 +1,17 @@
-"""Probes of a frozen encoder: what pretraining learned, always measured beside the same encoder at random init.
+"""Probes of a frozen encoder: what pretraining learned, always measured beside floors that mean something.
 
-Both probes read lmd.LatentClassifier's probe features (the class token after the encoder's final norm). The
-encoder is frozen, so its features are computed once per image (and per flip) and the probes work on those:
+Every probe reads the encoder's tokens after its final norm, every token seen (no mask), in one of two READINGS:
+the class token (MAE's linear probe) or the mean of the patch tokens (MAE's global_pool). A table uses one reading
+for every row. The encoder is frozen, so its features are computed once per image (and per flip) and the probes
+work on those:
 - kNN (DINO): L2-normalised features, cosine similarity to every training feature, the k = 20 nearest vote with
   weights exp(similarity / 0.07). No training; deterministic.
 - linear probe (MAE): BatchNorm without affine parameters + a linear layer, SGD with momentum, warm-up then cosine,
   90 epochs. On cached features an epoch is a few matrix products, so the probe converges in seconds.
+The floors (finetune.py measures them in the same run): the LMD network of the same size and seed at random init,
+whatever the checkpoint's objective (an adaLN-Zero network starts as the identity: its own init gives every image
+the same class token, a floor at chance), and the raw pixels, flattened (split_pixels). A diffusion encoder is read
+at a model time (at_time): 0, clean, and 1, the lowest noise level of training.
 And what finetune.py measures of any classifier: its top-1 accuracy, its inference throughput.
 """
 
@@ -14,38 +20,104 @@ import math
 import torch
 import torch.nn.functional as F
 
+from relatives import diffusion
 from util import devices
 from util import vaes
 from util.optim import learning_rate
 
+READINGS = ("cls", "mean")   # the class token (MAE's linear probe); the mean patch token (MAE's global_pool)
+
+
+def lowest_trained_time(config):
+    """The model time of the least noisy input a pretraining config's encoder was trained on -> None (LMD: no
+    time), 0 (clean: UMD's clean half, when it has one) or 1 (noise level 0: ddpm and MaskDM, which are only ever
+    told t + 1 >= 1)."""
+    objective = config.get("objective", "lmd")
+    if objective == "lmd":
+        return None
+    return 0 if objective == "umd" and config.get("clean_share", 0) > 0 else 1
+
+
+def image_noise(shape, indices, seed):
+    """Standard normal noise [B, *shape], image i's drawn by a generator of its own (seed, i): the same in any
+    batch, on any number of processes, for both views of an image."""
+    seeds = [(seed * 0x9E3779B1 + int(i)) % 2**32 for i in indices]   # a generator reads 32 bits of its seed
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def at_time(latents, time, indices, seed):
+    """latents [B, C, H, W] of images `indices` [B] -> (inputs [B, C, H, W], model time [B] or None).
+
+    time None: as they are, no time (an LMD encoder has none); 0: clean, at model time 0; k >= 1: noised at level
+    k - 1 (x = sqrt(a) x0 + sqrt(1 - a) eps, as in training; level 0 on the cosine schedule: sqrt(1 - a) = 0.0064)
+    with each image's own noise (image_noise), at model time k.
+    """
+    if time is None:
+        return latents, None
+    times = torch.full((len(latents),), time, device=latents.device)
+    if time == 0:
+        return latents, times
+    noise = image_noise(latents.shape[1:], indices, seed).to(latents.device, latents.dtype)
+    return diffusion.add_noise(latents, noise, times - 1), times
+
+
+def probe_features(encoder, latents, reading="cls", time=None):
+    """latents [B, C, H, W] -> features [B, width] from the encoder's tokens after its final norm, every token seen:
+    'cls' the class token, 'mean' the mean of the patch tokens. time [B]: the model time a diffusion encoder is
+    told (None: an LMD encoder, which has none)."""
+    if reading not in READINGS:
+        raise ValueError(f"unknown reading {reading!r}; choose one of {', '.join(READINGS)}")
+    tokens = encoder.embed(latents)                                                        # [B, L, width]
+    encoded = encoder.encode_tokens(tokens) if time is None else encoder.encode_tokens(tokens, time)
+    return encoded[:, 0] if reading == "cls" else encoded[:, 1:].mean(dim=1)
+
 
 @torch.no_grad()
-def encoder_features(classifier, batches):
+def encoder_features(classifier, batches, reading="cls", time=None, indices=None, seed=0):
     """Probe features of every batch: batches yields (inputs [B, C, h, w], labels [B]) -> features [N, width] on
-    the CPU (float32), labels [N]."""
+    the CPU (float32), labels [N]. The encoder is classifier.encoder (an lmd.LatentClassifier's), read at model
+    `time` (at_time; time >= 1 needs each batch's image indices, for the noise)."""
     classifier.eval()
     features, labels = [], []
-    for inputs, label in batches:
-        features.append(classifier.features(inputs).float().cpu())
+    for position, (inputs, label) in enumerate(batches):
+        inputs, times = at_time(inputs, time, None if indices is None else indices[position], seed)
+        features.append(probe_features(classifier.encoder, inputs, reading, times).float().cpu())
         labels.append(label.cpu())
     return torch.cat(features), torch.cat(labels)
 
 
-def split_features(classifier, data, dist, flips):
-    """Probe features of a whole split (a latent_cache.Split), each process computing every world_size-th image,
-    then gathered: -> features [N, len(flips), width] (one view per flip value), labels [N]."""
+def gather_split(features, labels, count, dist):
+    """This process's rows (every world_size-th image of `count`, from its rank) -> all of them, in index order:
+    features [count, ...], labels [count]."""
+    if not dist.enabled:
+        return features, labels
+    size = (count + dist.world_size - 1) // dist.world_size   # equal pieces for all_gather (padded with the last row)
+    pieces = [torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])]) for t in (features, labels)]
+    gathered = [dist.all_gather(piece) for piece in pieces]
+    order = torch.arange(size * dist.world_size).reshape(dist.world_size, size).T.reshape(-1)
+    return tuple(g[order][:count] for g in gathered)
+
+
+def split_features(classifier, data, dist, flips, reading="cls", time=None, seed=0):
+    """Probe features of a whole split (a latent_cache.Split) at model `time`, each process computing every
+    world_size-th image, then gathered: -> features [N, len(flips), width] (one view per flip value), labels [N]."""
     mine = torch.arange(dist.rank, len(data), dist.world_size)
     chunks = mine.split(256)
-    views = [encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]))
-             for flip in flips]
-    features, labels = torch.stack([v[0] for v in views], dim=1), views[0][1]
-    if dist.enabled:   # equal-length pieces for all_gather (padding with the last row), then back in index order
-        size = (len(data) + dist.world_size - 1) // dist.world_size
-        pieces = [torch.cat([t, t[-1:].expand(size - len(t), *t.shape[1:])]) for t in (features, labels)]
-        gathered = [dist.all_gather(piece) for piece in pieces]
-        order = torch.arange(size * dist.world_size).reshape(dist.world_size, size).T.reshape(-1)
-        features, labels = (g[order][:len(data)] for g in gathered)
-    return features, labels
+    views = [encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]),
+                              reading, time, chunks, seed) for flip in flips]
+    return gather_split(torch.stack([v[0] for v in views], dim=1), views[0][1], len(data), dist)
+
+
+def split_pixels(data, dist, flips):
+    """The raw-pixel baseline's features: the split's images [3, S, S] in [0, 1] at the run's image size (the
+    images its latents encode), flattened -> features [N, len(flips), 3 * S * S] (a view per flip value), labels
+    [N]; each process loads every world_size-th image, then gathered."""
+    mine = torch.arange(dist.rank, len(data), dist.world_size)
+    loader = torch.utils.data.DataLoader(data.images, batch_sampler=[c.tolist() for c in mine.split(256)],
+                                         num_workers=data.workers, worker_init_fn=devices.ignore_stop_signals)
+    images, labels = (torch.cat(parts) for parts in zip(*loader))
+    views = torch.stack([(images.flip(-1) if flip else images).flatten(1) for flip in flips], dim=1)
+    return gather_split(views.float(), labels, len(data), dist)
 
 
 @torch.no_grad()
@@ -142,6 +214,51 @@ def summarise(history):
     """top-1 history -> dict(best, final, best_epoch). Reports use `final`: `best` is picked on val."""
     best = max(range(len(history)), key=lambda i: history[i]["top1"])
     return dict(best=history[best]["top1"], final=history[-1]["top1"], best_epoch=history[best]["epoch"])
+
+
+def probe_plan(config):
+    """The encoders a knn or linprobe run measures, for a pretraining config -> {name: (init, network, time)}:
+    init 'pretrained' or 'scratch' (random), network the objective whose network is built (None: the checkpoint's),
+    time the model time it is read at (at_time; None: an LMD network, which has none).
+
+    - the pretrained encoder: an LMD one as it is; a diffusion one at model time 0 (clean) and at 1 (noise level 0)
+    - 'random_init': the LMD network of the same size and seed at random init, the floor of every objective
+    - 'own_init': a diffusion objective's own random init, where it differs (adaLN-Zero: at chance for 'cls')
+    """
+    lowest = lowest_trained_time(config)
+    if lowest is None:
+        return {"pretrained": ("pretrained", None, None), "random_init": ("scratch", "lmd", None)}
+    return {"time0": ("pretrained", None, 0), "time1": ("pretrained", None, 1),
+            "random_init": ("scratch", "lmd", None), "own_init": ("scratch", None, lowest)}
+
+
+def result_fields(measured, config):
+    """{name: (summary, history)} of probe_plan's names and 'raw_pixels' -> the results.json fields: `top1` and
+    `history` (the pretrained encoder at its lowest trained time, `probe_time`), then `<name>_top1` and
+    `<name>_history` for the rest; `scratch_top1`, the floor's older name, kept for older readers."""
+    probe_time = lowest_trained_time(config)
+    headline = "pretrained" if probe_time is None else f"time{probe_time}"
+    fields = dict(top1=measured[headline][0], history=measured[headline][1], probe_time=probe_time)
+    for name, (summary, history) in measured.items():
+        if name != "pretrained":
+            fields.update({f"{name}_top1": summary, f"{name}_history": history})
+    fields["scratch_top1"] = fields["random_init_top1"]
+    return fields
+
+
+def probe(mode, train, val, epochs=90, batch_size=256, base_lr=0.5, warmup_epochs=10, seed=0, device=None):
+    """One probe on cached features -> (summary: dict(best, final[, best_epoch]), history: [dict(epoch, top1)]).
+
+    train: (features [N, F, D], labels [N]); val: (features [M, F', D], labels [M]), its first view read. 'knn'
+    reads the training features' first view too, and trains nothing (an empty history).
+    """
+    (train_features, train_labels), (val_features, val_labels) = train, val
+    if mode == "knn":
+        top1 = knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels, device=device)
+        return dict(best=top1, final=top1), []
+    history = linear_probe(train_features, train_labels, val_features[:, 0], val_labels, epochs, batch_size,
+                           base_lr, warmup_epochs, seed, device=device)
+    return summarise(history), history
 
 
 def standard_error(top1, count):
