@@ -6,8 +6,9 @@ Generate images from a diffusion run (train.py --objective ddpm, maskdm or umd) 
 
 Samples are decoded through the run's frozen VAE (pixels need none). Writes OUT/samples.png (the first 64, with a
 title saying what they are) and OUT/generation.json: util.judge's verdict (Frechet distance and KID on a small
-classifier's features against the real validation split, with its floor, blur ceiling, fd_normalised, noise
-reference and predicted-class histogram) plus how the samples were made.
+classifier's features against the real validation split, with its floor, blur ceiling, fd_normalised, the VAE
+round trip of a latent run, noise reference and predicted-class histogram) plus how the samples were made
+(`sampling`: the sampler, steps, eta, seed and the batch size, which changes the samples when eta > 0).
 """
 
 import argparse
@@ -96,6 +97,7 @@ def main(argv=None):
     seconds = time.time() - started
     sampling = dict(checkpoint=flags.checkpoint, objective=config["objective"], step=step, sampler="DDIM",
                     sampling_steps=flags.sampling_steps, eta=flags.eta, seed=flags.seed, num_images=flags.num_images,
+                    batch_size=flags.batch_size,   # with eta > 0 each step's noise is drawn batch by batch
                     sampling_seconds=round(seconds, 1), device=str(device))
     source = config.get("init_from")   # a second stage names its first: "ddpm (--init: a maskdm run)"
     stages = f"{config['objective']} (--init: a {source['objective']} run)" if source else config["objective"]

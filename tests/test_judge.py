@@ -34,7 +34,7 @@ def test_real_images_score_near_the_floor_and_far_below_noise(digits):
     result = evaluate(digits, digits["train"][-500:])   # real, though not the floor's random 500
     assert result["num_images"] == 500 and result["references"]["floor"]["images"] == 500
     assert result["references"]["floor"]["reference_images"] == 360   # the digits' whole validation split
-    assert result["references"]["ceiling"]["images"] == 360            # all of it blurred: fewer than 500
+    assert result["references"]["ceiling"]["images"] == 500            # the floor's 500, blurred
     assert result["judge_val_accuracy"] > 0.9
     assert abs(result["fd_normalised"]) < 0.1
     assert result["floor"] < result["ceiling"] < result["noise_fd"]
@@ -43,7 +43,7 @@ def test_real_images_score_near_the_floor_and_far_below_noise(digits):
 
 
 def test_blurred_real_images_score_near_the_ceiling(digits):
-    # Training images (the ceiling blurs the validation ones), so this is the same degradation on other images.
+    # Other training images than the ceiling's random 500: the same degradation on other images.
     result = evaluate(digits, judge.blur(digits["train"][:500], 32))
     assert 0.7 < result["fd_normalised"] < 1.5
 
@@ -64,10 +64,54 @@ def test_one_repeated_class_is_caught(digits):
     assert result["fd_normalised"] > 0.5   # real images, but one class: far from the data all the same
 
 
+def test_the_ceiling_is_the_floors_training_images_blurred(digits):
+    trained = judge.load_judge(digits["config"], "cpu", settings=FAST)
+    images = judge.reference_images(trained, 500)
+    chosen = judge.floor_indices(trained, 500)
+    assert torch.equal(images["floor"], digits["train"][chosen])   # at 32 px the judge reads them as they are
+    assert torch.allclose(images["ceiling"], judge.blur(digits["train"][chosen], 32), atol=1e-6)
+    assert images["noise"].shape == (500, 3, 32, 32)
+
+
+def test_without_blur_the_ceiling_is_the_floor(digits, monkeypatch):
+    """Floor and ceiling differ by the blur alone: with none, the ceiling is the floor, bias and all (the old
+    ceiling, the validation images against themselves, gave about 0 here against a floor near 9)."""
+    trained = judge.load_judge(digits["config"], "cpu", settings=FAST)
+    monkeypatch.setattr(judge, "blur", lambda images, image_size: images)
+    measured = judge.measure_references(trained, 500)   # not the cached references: those keep the blur
+    assert measured["ceiling"]["fd"] == measured["floor"]["fd"] > 1
+    assert measured["ceiling"]["images"] == measured["floor"]["images"] == 500
+
+
+class IdentityVAE(torch.nn.Module):
+    """A 'VAE' that gives its images back (through [-1, 1], as LatentProjection does): a perfect round trip."""
+    is_pixels, name = False, "identity"
+
+    def encode(self, images):
+        return images * 2 - 1
+
+    def decode(self, latents):
+        return (latents + 1) / 2
+
+
+def test_the_vae_roundtrip_is_reported_for_latent_runs_only(digits):
+    samples = digits["train"][-500:]
+    perfect = judge.evaluate_generation(samples, digits["config"], "cpu", settings=FAST, projection=IdentityVAE())
+    assert perfect["vae_roundtrip_fd"] == pytest.approx(perfect["floor"], rel=1e-3)   # the floor's own images
+    assert perfect["vae_roundtrip_fd_normalised"] == pytest.approx(0, abs=1e-3)
+    assert perfect["references"]["vae_roundtrip"]["images"] == 500
+    # The untrained tiny VAE, opened from the run's config as sample.py's runs have it: its images are ruined.
+    tiny = judge.evaluate_generation(samples, dict(digits["config"], vae="tiny"), "cpu", settings=FAST)
+    assert tiny["references"]["vae_roundtrip"]["vae"] == "tiny" and tiny["vae_roundtrip_fd_normalised"] > 1
+    assert tiny["fd"] == perfect["fd"] and tiny["ceiling"] == perfect["ceiling"]   # nothing else changes
+    pixels = judge.evaluate_generation(samples, dict(digits["config"], vae="none"), "cpu", settings=FAST)
+    assert "vae_roundtrip_fd" not in pixels and "vae_roundtrip" not in pixels["references"]
+
+
 def test_the_cached_judge_is_reused(digits):
     first = judge.load_judge(digits["config"], "cpu", settings=FAST)   # trained now, unless a test above did
     second = judge.load_judge(digits["config"], "cpu", settings=FAST)
-    assert not second.trained and os.path.exists(judge.judge_file(digits["config"]))
+    assert not second.trained and os.path.exists(judge.judge_file(digits["config"], "cpu"))
     assert all(torch.equal(a, b) for a, b in zip(first.net.state_dict().values(), second.net.state_dict().values()))
     evaluate(digits, digits["val"][:50])   # measures and caches the references for 50 images
     third = judge.load_judge(digits["config"], "cpu", settings=FAST)
@@ -79,12 +123,54 @@ def test_a_changed_provenance_retrains_and_training_is_deterministic(tmp_path, c
     assert judge.load_judge(config, "cpu", settings=dict(epochs=1, kid_subsets=2)).trained
     changed = judge.load_judge(config, "cpu", settings=dict(epochs=1, seed=1, kid_subsets=2))
     assert changed.trained and "made with other settings (settings:" in capfd.readouterr().err
-    assert torch.load(judge.judge_file(config), weights_only=True)["provenance"]["settings"]["seed"] == 1
+    assert torch.load(judge.judge_file(config, "cpu"), weights_only=True)["provenance"]["settings"]["seed"] == 1
     # Seeded and deterministic: training again from nothing gives the same weights bit for bit.
-    os.remove(judge.judge_file(config))
+    os.remove(judge.judge_file(config, "cpu"))
     again = judge.load_judge(config, "cpu", settings=dict(epochs=1, seed=1, kid_subsets=2))
     assert again.trained
     assert all(torch.equal(a, b) for a, b in zip(changed.net.state_dict().values(), again.net.state_dict().values()))
+
+
+def test_the_cache_key_holds_the_device_and_the_library_versions(tmp_path, monkeypatch, capfd):
+    import torchmetrics
+    config = digits_config(tmp_path)
+    path = judge.judge_file(config, "cpu")
+    assert os.path.basename(path) == f"digits-32px-cpu-torch{torch.__version__}-torchmetrics{torchmetrics.__version__}.pt"
+    assert judge.judge_file(config, "cuda") != path
+    quick = dict(epochs=1, kid_subsets=2)
+    result = judge.evaluate_generation(torch.rand(2, 3, 32, 32), config, "cpu", settings=quick)
+    provenance = torch.load(path, weights_only=True)["provenance"]
+    versions = dict(device="cpu", torch=torch.__version__, torchmetrics=torchmetrics.__version__)
+    assert {key: provenance[key] for key in versions} == versions
+    assert {key: result["judge"][key] for key in versions} == versions   # and in generation.json
+    # Another torchmetrics: another file, and a judge of its own.
+    monkeypatch.setattr(torchmetrics, "__version__", "0.0.1")
+    assert judge.judge_file(config, "cpu") != path and judge.load_judge(config, "cpu", settings=quick).trained
+    assert "made with other settings" not in capfd.readouterr().err   # a new file, not a retrained one
+
+
+def test_sample_py_records_the_batch_size(tmp_path, monkeypatch):
+    """With eta > 0 the batch size changes the samples (the noise of every step is drawn batch by batch)."""
+    import json
+    import lmd
+    import relatives
+    import sample
+    import train
+    from util import checkpoints
+    config = dict(train.DEFAULTS, **relatives.TRAINING_DEFAULTS["ddpm"], objective="ddpm", model="tiny",
+                  vae="none", image_size=32, patch_size=8, steps=1, dataset="digits", data_dir=str(tmp_path))
+    torch.manual_seed(0)
+    model = checkpoints.build_model(config, lmd.LatentProjection())
+    checkpoints.save_run(str(tmp_path / "run" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), 1,
+                         config, torch.device("cpu"))
+    judged = []
+    monkeypatch.setattr(judge, "evaluate_generation", lambda samples, *args, **kwargs: judged.append(samples) or {})
+    for batch in (2, 4):
+        sample.main(["--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / f"b{batch}"), "--num-images",
+                     "4", "--batch-size", str(batch), "--sampling-steps", "2", "--eta", "1", "--device", "cpu"])
+        record = json.loads((tmp_path / f"b{batch}" / "generation.json").read_text())["sampling"]
+        assert record["batch_size"] == batch and record["eta"] == 1
+    assert not torch.equal(judged[0], judged[1])
 
 
 def test_a_folder_of_pngs_is_judged_like_the_tensors(digits, tmp_path):

@@ -46,22 +46,28 @@ def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
     if vae == "tiny" and announce:
         print("note: --vae tiny is a randomly initialised, UNTRAINED VAE for smoke tests; "
               "its latents carry no meaning.", file=sys.stderr)
-    if vae in ("none", "tiny"):
-        projection = lmd.load_projection(vae, device, dtype)
-    elif os.path.isdir(vae):
-        try:
-            projection = lmd.load_projection(vae, device, dtype)
-        except Exception as error:
-            raise UserError(f"could not load a VAE from directory {vae!r} ({_first_line(error)}); it should hold "
-                            "config.json and the weights written by save_pretrained") from None
-    elif vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or os.path.exists(vae):
-        raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
-                        "directory made by save_pretrained or tools/train_vae.py, or 'none' (pixels)")
-    else:
-        projection = _from_hub(vae, device, dtype)
+    # Loading draws nothing from torch's global generator (diffusers 0.30 to 0.32 initialise every weight at
+    # random before reading the file): train.py seeds it first, and a run's random init must not depend on the VAE.
+    with torch.random.fork_rng(devices=[]):
+        projection = _load(vae, device, dtype)
     projection.name = vae_name(vae)   # what the latent cache is named and checked by
     projection.provenance = vae_provenance(vae)
     return projection
+
+
+def _load(vae, device, dtype):
+    if vae in ("none", "tiny"):
+        return lmd.load_projection(vae, device, dtype)
+    if os.path.isdir(vae):
+        try:
+            return lmd.load_projection(vae, device, dtype)
+        except Exception as error:
+            raise UserError(f"could not load a VAE from directory {vae!r} ({_first_line(error)}); it should hold "
+                            "config.json and the weights written by save_pretrained") from None
+    if vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or os.path.exists(vae):
+        raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
+                        "directory made by save_pretrained or tools/train_vae.py, or 'none' (pixels)")
+    return _from_hub(vae, device, dtype)
 
 
 def vae_name(vae):
