@@ -36,7 +36,7 @@ def race_run(tmp_path_factory):
     race.main(["--threads", "1",    # one thread: on a busy shared CPU, two threads per process can be many times slower
                "--dataset", "digits", "--vae", str(tmp_path / "vae"), "--minutes", str(BUDGET_MINUTES),
                "--image-size", "8", "--pixel-patch", "4", "--probes", "2", "--batch-size", "16",
-               "--linprobe-epochs", "2", "--device", "cpu", "--out", str(out)])
+               "--linprobe-epochs", "2", "--probe-train", "1000", "--device", "cpu", "--out", str(out)])
     torch.set_num_threads(threads)
     return out, json.loads((out / "results.json").read_text())
 
@@ -214,3 +214,12 @@ def test_throughput_waits_for_an_apple_gpu(monkeypatch):
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
     assert devices.images_per_second(lambda: None, 1, torch.device("mps"), repeats=1) > 0
     assert calls == ["mps", "mps"]
+
+
+def test_the_probes_read_a_fixed_subset_when_asked(race_run):
+    _, results = race_run
+    assert results["probe_images"] == dict(train=1000, val=360)   # digits: 1,437 train, 360 val
+    subset = race.probe_subset(1437, 1000)
+    assert len(subset) == len(set(subset.tolist())) == 1000 and subset.max() < 1437
+    assert torch.equal(subset, race.probe_subset(1437, 1000))     # the same for every method and seed
+    assert torch.equal(race.probe_subset(360, None), torch.arange(360))

@@ -75,6 +75,11 @@ def build_parser():
                         help="images per step (default: %(default)s)")
     parser.add_argument("--probes", type=int, default=DEFAULTS["probes"],
                         help="probe points along each run, at equal fractions of the budget (default: %(default)s)")
+    parser.add_argument("--probe-train", type=int, metavar="N", help="probe with N training images (kNN's bank, "
+                        "the linear probe's training set): a fixed random subset, the same for every method and "
+                        "seed (default: all; extracting 60,000 features costs minutes per probe point on a CPU)")
+    parser.add_argument("--probe-val", type=int, metavar="N", help="score the probes on N validation images, a fixed "
+                        "random subset (default: all)")
     parser.add_argument("--linprobe-epochs", type=int, default=90, help="epochs of each linear probe (default: 90)")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"), help="(default: auto)")
     parser.add_argument("--threads", type=int, default=0,
@@ -134,17 +139,16 @@ def probe(model, data, device, epochs=90, seed=0):
     """kNN and linear-probe top-1 of the model's encoder on frozen features, on the training device."""
     classifier = lmd.LatentClassifier(copy.deepcopy(model), len(set(data["train_labels"].tolist())),
                                       linear_probe=True).to(device)
-    features = {}
+    features, labels = {}, {}
     for split in ("train", "val"):
-        chunks = torch.arange(len(data[f"{split}_labels"])).split(256)
+        indices = data[f"probe_{split}"]   # the probes' fixed subset of the split
         batches = ((batch_inputs(data, split, c, torch.zeros_like(c), device), data[f"{split}_labels"][c])
-                   for c in chunks)
+                   for c in indices.split(256))
         features[split] = probes.encoder_features(classifier, batches)[0]
-    knn = probes.knn_top1(features["train"], data["train_labels"], features["val"], data["val_labels"],
-                          device=device)
-    history = probes.linear_probe(features["train"].unsqueeze(1), data["train_labels"], features["val"],
-                                  data["val_labels"], epochs=epochs, warmup_epochs=min(10, epochs // 9), seed=seed,
-                                  device=device)
+        labels[split] = data[f"{split}_labels"][indices]
+    knn = probes.knn_top1(features["train"], labels["train"], features["val"], labels["val"], device=device)
+    history = probes.linear_probe(features["train"].unsqueeze(1), labels["train"], features["val"], labels["val"],
+                                  epochs=epochs, warmup_epochs=min(10, epochs // 9), seed=seed, device=device)
     return dict(knn_top1=knn, linprobe_top1=history[-1]["top1"])
 
 
@@ -492,7 +496,9 @@ def prepare(args, device):
         latents[split] = encode_views(projection, images[split][0], flips if split == "train" else 1, device)
         encode_seconds[split] = time.time() - started   # encode_views ends on the CPU: the device's work is done
     latent_patch = datasets.default_latent_patch(args.image_size // projection.downsample)
-    common = dict(train_labels=images["train"][1], val_labels=images["val"][1], views=flips, lr=DEFAULTS["base_lr"])
+    common = dict(train_labels=images["train"][1], val_labels=images["val"][1], views=flips, lr=DEFAULTS["base_lr"],
+                  probe_train=probe_subset(len(images["train"][1]), args.probe_train),
+                  probe_val=probe_subset(len(images["val"][1]), args.probe_val))
     spaces = dict(
         pixels=dict(space="pixels", train_inputs=images["train"][0], val_inputs=images["val"][0], channels=3,
                     size=args.image_size, patch_size=args.pixel_patch or latent_patch * projection.downsample // 2,
@@ -505,6 +511,14 @@ def prepare(args, device):
     return spaces, vae
 
 
+def probe_subset(count, wanted):
+    """The indices [n] the probes read of a split of `count` images: all, or `wanted` of them at random (seed 0,
+    sorted), the same for every method and seed."""
+    if wanted is None or wanted >= count:
+        return torch.arange(count)
+    return torch.randperm(count, generator=torch.Generator().manual_seed(0))[:wanted].sort().values
+
+
 def peak_rss_mb():
     """This process's peak resident memory in MB (ru_maxrss is in KB on Linux, in bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -514,9 +528,10 @@ def peak_rss_mb():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     args.image_size = args.image_size or datasets.DEFAULT_IMAGE_SIZE[args.dataset]
-    if args.minutes <= 0 or min(args.seeds, args.probes, args.linprobe_epochs, args.batch_size) < 1:
-        raise cli.UserError("--minutes must be positive, and --seeds, --probes, --linprobe-epochs and --batch-size "
-                            "at least 1")
+    if args.minutes <= 0 or min(args.seeds, args.probes, args.linprobe_epochs, args.batch_size, args.probe_train or 1,
+                                args.probe_val or 1) < 1:
+        raise cli.UserError("--minutes must be positive, and --seeds, --probes, --linprobe-epochs, --batch-size, "
+                            "--probe-train and --probe-val at least 1")
     if args.pixel_patch is not None and (args.pixel_patch < 1 or args.image_size % args.pixel_patch):
         raise cli.UserError(f"--pixel-patch {args.pixel_patch} must divide the image size ({args.image_size})")
     if args.threads:
@@ -530,6 +545,7 @@ def main(argv=None):
     results = race(args, spaces, vae, budget, device)
     results.update(vae=vae, device=str(device), minutes=args.minutes, budget_seconds=budget, seeds=args.seeds,
                    batch_size=args.batch_size, threads=torch.get_num_threads(),
+                   probe_images={split: len(spaces["pixels"][f"probe_{split}"]) for split in ("train", "val")},
                    patch_size={space: data["patch_size"] for space, data in spaces.items()}, tokens=tokens(spaces),
                    peak_rss_mb=peak_rss_mb(), command="python tools/race.py " + " ".join(argv or sys.argv[1:]))
     results.update(time_to_pixel_mae=time_ratios(results), speed_outliers=[
