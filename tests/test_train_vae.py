@@ -1,9 +1,12 @@
 """tools/train_vae.py: a few steps on digits write a VAE directory that lmd.load_projection opens with the right
-geometry and scaling factor, its provenance and its grid; bad input is one line and exit status 2."""
+geometry and scaling factor, its provenance and its grid; Fashion-MNIST from idx files; bad input is one line and
+exit status 2."""
 
+import gzip
 import importlib.util
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -68,6 +71,7 @@ def tool():
     (["--dataset", "no-such-set"], "no-such-set"),
     (["--image-size", "30"], "--image-size 30"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--val-images", "0"], "--val-images must be at least 1"),
     (["--out", "{run}"], "not a VAE directory"),          # a train.py run directory also has a config.json
     (["--out", "{vae}", "--steps", "0"], "--steps"),      # an earlier VAE may be overwritten: only --steps fails
 ])
@@ -84,3 +88,49 @@ def test_bad_input_is_one_line_and_exit_2(tool, tmp_path, capsys, vae_dir, argv,
     assert exit_info.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
     assert message in stderr
     assert not (tmp_path / "vae").exists()
+
+
+def write_fashion_split(raw, split, count):
+    """Gzipped idx files of `count` 28 x 28 images whose grey level and label are both i % 10."""
+    raw.mkdir(parents=True, exist_ok=True)
+    labels = torch.arange(count) % 10
+    images = (labels * 25).view(-1, 1, 1).expand(-1, 28, 28)
+    for kind, array, magic in (("images-idx3", images, 2051), ("labels-idx1", labels, 2049)):
+        header = struct.pack(">I", magic) + b"".join(struct.pack(">I", n) for n in array.shape)
+        data = header + array.to(torch.uint8).contiguous().numpy().tobytes()
+        (raw / f"{split}-{kind}-ubyte.gz").write_bytes(gzip.compress(data))
+
+
+def test_fashion_mnist_from_idx_files_with_a_labelled_grid(tool, tmp_path, monkeypatch):
+    """In-process, so the Debian folder can be hidden: the tool reads DATA_DIR/FashionMNIST/raw, caps the
+    validation round trip at --val-images and writes one column per class, captioned."""
+    from PIL import Image
+    from util import datasets
+    monkeypatch.setattr(datasets, "SYSTEM_FOLDERS", {"fashion-mnist": str(tmp_path / "none"), "mnist": ""})
+    write_fashion_split(tmp_path / "data" / "FashionMNIST" / "raw", "train", 24)
+    write_fashion_split(tmp_path / "data" / "FashionMNIST" / "raw", "t10k", 30)
+    out = tmp_path / "vae"
+    tool.main(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"), "--out", str(out),
+               "--steps", "2", "--batch-size", "4", "--warmup-steps", "1", "--image-size", "16", "--val-images", "20",
+               "--device", "cpu"])
+    record = json.loads((out / "training.json").read_text())
+    assert record["dataset"] == "fashion-mnist" and record["train_size"] == 24 and record["val_size"] == 20
+    assert record["scale_images"] == 24 and record["training_seconds"] <= record["seconds"]
+    with Image.open(out / "reconstructions.png") as picture:     # 10 columns of 16 px drawn 6x, with 2 px padding
+        assert picture.width == 60 + 6 * (10 * 18 + 2)
+
+
+def test_the_scaling_factor_reads_a_seeded_subset_of_a_large_set(tool):
+    images = torch.arange(5000).view(-1, 1).float()
+    sample = tool.scale_sample(images, seed=0)
+    assert len(sample) == tool.SCALE_IMAGES and len(sample.unique()) == tool.SCALE_IMAGES
+    assert torch.equal(sample, tool.scale_sample(images, seed=0)) and torch.equal(tool.scale_sample(images[:10], 0),
+                                                                                 images[:10])
+
+
+@pytest.mark.parametrize("argv, steps", [(["--dataset", "fashion-mnist"], 1000), (["--dataset", "digits"], 500),
+                                         (["--dataset", "fashion-mnist", "--steps", "7"], 7)])
+def test_steps_default_per_dataset(tool, tmp_path, argv, steps):
+    flags = vars(tool.build_parser().parse_args(["--out", str(tmp_path / "vae"), *argv]))
+    tool.check_flags(flags)
+    assert flags["steps"] == steps

@@ -3,11 +3,13 @@ Train a small diffusers AutoencoderKL (SD layout, 4 latent channels, downsamplin
 
     python tools/train_vae.py --dataset digits --out runs/vae_digits      # 1.5-3 minutes on 2 CPU cores
     python train.py --vae runs/vae_digits ...                              # then use it as the frozen VAE
+    python tools/train_vae.py --dataset fashion-mnist --out runs/vae-fashion --threads 1   # 1000 steps, ~4-5 min
 
 Writes VAE_DIR as `save_pretrained` does (config.json + weights, loadable by lmd.load_projection), with
-`scaling_factor` set to 1 / std of the training latents, plus VAE_DIR/training.json (where the VAE came from:
-dataset, directory, settings, val PSNR) and VAE_DIR/reconstructions.png (val originals on top, reconstructions
-below). The loss is SD's VAE loss without its GAN and perceptual terms: L1 + L2 reconstruction and a small KL.
+`scaling_factor` set to 1 / std of the training latents (of at most SCALE_IMAGES of them), plus
+VAE_DIR/training.json (where the VAE came from: dataset, directory, settings, val PSNR, seconds) and
+VAE_DIR/reconstructions.png (one val image per class on top, their reconstructions below, labelled). The loss is
+SD's VAE loss without its GAN and perceptual terms: L1 + L2 reconstruction and a small KL.
 """
 
 import json
@@ -32,9 +34,18 @@ from util.devices import select_device  # noqa: E402
 # ~47 dB). 2 idle CPU cores: ~0.14 s a step, ~1.5 minutes in all. On a busy shared CPU, --threads 1 is much faster
 # (measured at load 4: 189 s with one thread, 763 s with PyTorch's two).
 DEFAULTS = dict(
-    dataset="digits", data_dir="./data", out=None, image_size=32, steps=500, batch_size=16, lr=1e-3,
-    warmup_steps=50, kl_weight=1e-4, seed=0, device="auto", threads=0, grid_images=8,
+    dataset="digits", data_dir="./data", out=None, image_size=32, batch_size=16, lr=1e-3,
+    warmup_steps=50, kl_weight=1e-4, seed=0, device="auto", threads=0, grid_images=10, val_images=1000,
 )
+# The scaling factor's latent std is measured on at most this many training images (a seeded random subset):
+# encoding all of Fashion-MNIST's 60,000 would take 5 minutes on one CPU thread (~200 images/s), longer than the
+# training, and 2048 are enough (Fashion-MNIST, 1000-step VAE: 4 subsets of 2048 within 0.3% of 10,000 images' std).
+SCALE_IMAGES = 2048
+DEFAULT_STEPS = 500
+# Fashion-MNIST's textures (straps, collars, prints) need more: 250 steps ~20.5 dB, 500 ~22.7, 1000 ~24.4 (clothes
+# recognisable), 2000 ~25.5 (sharper prints). 0.25-0.55 s a step on one thread of a busy 2-core CPU: 1000 steps
+# are 4-9 minutes.
+DATASET_STEPS = {"fashion-mnist": 1000}
 BLOCK_OUT_CHANNELS = (32, 64, 64)  # 3 blocks: 2 downsamplings, so 32 px images give an 8 x 8 x 4 latent grid
 
 
@@ -52,7 +63,9 @@ def build_parser():
     add("--out", required=True, metavar="VAE_DIR", help="directory to write the VAE to (save_pretrained layout); "
                                                         "an existing one must be an earlier VAE, it is overwritten")
     add("--image-size", type=int, help="images are resized to this side; a multiple of 4")
-    add("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: "
+                        + ", ".join(f"{steps} on {name}" for name, steps in DATASET_STEPS.items())
+                        + f", {DEFAULT_STEPS} on the others)")
     add("--batch-size", type=int, help="images per step")
     add("--lr", type=float, help="AdamW peak learning rate, after a linear warm-up and before a cosine decay to 0")
     add("--warmup-steps", type=int, help="linear warm-up steps")
@@ -61,17 +74,21 @@ def build_parser():
     add("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
     add("--threads", type=int, help="CPU threads; 0 = PyTorch's choice (use 1 on a busy shared CPU, where "
                                     "two threads per process can be many times slower)")
-    add("--grid-images", type=int, help="validation images in VAE_DIR/reconstructions.png")
+    add("--grid-images", type=int, help="validation images in VAE_DIR/reconstructions.png, across the classes")
+    add("--val-images", type=int, help="validation PSNR on the first N validation images (all of digits' 360; a "
+                                       "round trip costs ~15 ms an image on one CPU thread)")
     return parser
 
 
 def check_flags(flags):
-    """Refuse bad input before loading anything: one line and exit 2 through run_cli."""
+    """Refuse bad input before loading anything: one line and exit 2 through run_cli. Fills in --steps."""
+    if flags["steps"] is None:
+        flags["steps"] = DATASET_STEPS.get(flags["dataset"], DEFAULT_STEPS)
     out = flags["out"]
     if os.path.exists(out) and not (os.path.isdir(out) and (not os.listdir(out) or is_vae_dir(out))):
         raise UserError(f"--out {out!r} exists and is not a VAE directory; pick a new directory, so that nothing "
                         "else is overwritten")
-    for flag, least in dict(steps=1, batch_size=1, grid_images=1, warmup_steps=0, threads=0).items():
+    for flag, least in dict(steps=1, batch_size=1, grid_images=1, warmup_steps=0, threads=0, val_images=1).items():
         if flags[flag] < least:
             raise UserError(f"--{flag.replace('_', '-')} must be at least {least} (got {flags[flag]})")
     if flags["image_size"] < 8 or flags["image_size"] % 4:
@@ -151,6 +168,38 @@ def psnr_db(reconstructions, images):
     return (10 * torch.log10(1 / F.mse_loss(reconstructions, images))).item()
 
 
+def scale_sample(images, seed):
+    """At most SCALE_IMAGES of images [N, ...], a seeded random subset (all of them when N is small)."""
+    if len(images) <= SCALE_IMAGES:
+        return images
+    return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:SCALE_IMAGES]]
+
+
+def save_reconstructions(originals, reconstructions, captions, path, title):
+    """A labelled PNG: a title line, originals [N, 3, S, S] in the top row ('real'), their reconstructions below
+    ('VAE'), each column captioned (its class), images drawn k times larger (k whole, k * S >= GRID_MIN_SIDE)."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid
+    from util.pictures import GRID_MIN_SIDE, default_font
+    label_width, title_height, caption_height = 60, 28, 22
+    grid = make_grid(torch.cat([originals, reconstructions]).clamp(0, 1), nrow=len(originals), padding=2,
+                     pad_value=1.0)
+    side, scale = originals.shape[-1], -(-GRID_MIN_SIDE // originals.shape[-1])
+    pixels = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
+    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (label_width + pixels.width, title_height + pixels.height + caption_height), "white")
+    canvas.paste(pixels, (label_width, title_height))
+    draw, font, small = ImageDraw.Draw(canvas), default_font(14), default_font(11)
+    draw.text((8, 6), title, fill="black", font=font)
+    for row, label in enumerate(("real", "VAE")):
+        draw.text((8, title_height + scale * (2 + row * (side + 2) + side // 2)), label, fill="black", font=font,
+                  anchor="lm")
+    for column, caption in enumerate(captions):
+        centre = label_width + scale * (2 + column * (side + 2) + side // 2)
+        draw.text((centre, title_height + pixels.height + 4), caption, fill="dimgray", font=small, anchor="mt")
+    canvas.save(path)
+
+
 def main(argv=None):
     flags = vars(build_parser().parse_args(argv))
     check_flags(flags)
@@ -160,12 +209,15 @@ def main(argv=None):
     torch.manual_seed(flags["seed"])
     start = time.time()
     train_images, _ = load_split(flags["dataset"], flags["data_dir"], "train", flags["image_size"])
-    val_images, _ = load_split(flags["dataset"], flags["data_dir"], "val", flags["image_size"])
+    val_images, val_labels = load_split(flags["dataset"], flags["data_dir"], "val", flags["image_size"])
+    val_images, val_labels = val_images[:flags["val_images"]], val_labels[:flags["val_images"]]
     vae = build_vae().to(device)
     train(vae, train_images, flags, device)
+    training_seconds = time.time() - start
 
     # Scale latents to unit variance, as SD's 0.18215 does, so LMD sees the same range whichever VAE it uses.
-    modes = batched(lambda x: vae.encode(x * 2 - 1).latent_dist.mode(), train_images, device)  # [N, 4, S/4, S/4]
+    sample = scale_sample(train_images, flags["seed"])
+    modes = batched(lambda x: vae.encode(x * 2 - 1).latent_dist.mode(), sample, device)  # [n, 4, S/4, S/4]
     scaling_factor = 1 / modes.std().item()
     vae.register_to_config(scaling_factor=scaling_factor)
     # Validation goes through lmd's own LatentProjection: the round trip LMD will see, scaling factor included.
@@ -174,17 +226,21 @@ def main(argv=None):
     val_psnr = psnr_db(reconstructions, val_images)
     seconds = time.time() - start
 
-    from torchvision.utils import save_image
+    from util.datasets import load_image_source
+    from util.pictures import spread_over_classes
     vae.save_pretrained(flags["out"])
-    count = min(flags["grid_images"], len(val_images))  # originals in the top row, reconstructions below
-    grid = torch.cat([val_images[:count], reconstructions[:count]])
-    save_image(grid, os.path.join(flags["out"], "reconstructions.png"), nrow=count, padding=2, pad_value=1.0)
+    shown = spread_over_classes(val_labels.tolist(), min(flags["grid_images"], len(val_images)))
+    classes = load_image_source(flags["dataset"], flags["data_dir"], "val", flags["image_size"]).classes
+    save_reconstructions(val_images[shown], reconstructions[shown], [classes[val_labels[i]] for i in shown],
+                         os.path.join(flags["out"], "reconstructions.png"),
+                         f"{flags['dataset']}: VAE of {flags['steps']} steps, val PSNR {val_psnr:.2f} dB")
     # Provenance: later tools read this to say where the VAE came from (directory and training set).
     settings = ("dataset", "image_size", "steps", "seed", "batch_size", "lr", "kl_weight")
     record = dict(**{key: flags[key] for key in settings}, data_dir=os.path.abspath(flags["data_dir"]),
-                  seconds=round(seconds, 1), val_psnr_db=round(val_psnr, 2), scaling_factor=scaling_factor,
+                  seconds=round(seconds, 1), training_seconds=round(training_seconds, 1),
+                  val_psnr_db=round(val_psnr, 2), scaling_factor=scaling_factor,
                   parameters=sum(p.numel() for p in vae.parameters()), train_size=len(train_images),
-                  val_size=len(val_images), trained=True)
+                  val_size=len(val_images), scale_images=len(sample), threads=torch.get_num_threads(), trained=True)
     with open(os.path.join(flags["out"], "training.json"), "w") as file:
         json.dump(record, file, indent=2)
     print(f"VAE trained on {flags['dataset']} ({len(train_images)} images, {flags['steps']} steps, {seconds:.0f} s): "

@@ -191,7 +191,7 @@ def parse_idx(data, path, kind):
     if len(data) - head != math.prod(sizes):
         raise UserError(f"{path} is truncated or corrupt: its header promises {' x '.join(map(str, sizes))} = "
                         f"{math.prod(sizes):,} bytes, it holds {len(data) - head:,}; download or copy it again")
-    return torch.frombuffer(bytearray(data[head:]), dtype=torch.uint8).view(*sizes)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=head).view(*sizes)   # one copy, writable
 
 
 @functools.lru_cache(maxsize=4)
