@@ -1,12 +1,13 @@
 """
 Execute docs/walkthrough.ipynb top to bottom in a fresh python3 kernel and save it with its outputs.
 
-    python tools/run_notebook.py                  # its saved settings (minutes); the outputs are saved in place
+    python tools/run_notebook.py                  # its saved settings (under 10 minutes); saved in place
     python tools/run_notebook.py --tiny --out /tmp/tiny.ipynb   # LMD_NOTEBOOK_TINY=1: seconds; numbers mean nothing
 
 So the pictures saved in the notebook always come from the current code. Prints one line per cell (its first
 line and its time); any error cell stops the run with a one-line message and exit status 2, and nothing is saved.
-The kernel runs in the notebook's own folder, as `jupyter notebook` would run it.
+The kernel runs in the notebook's own folder, as `jupyter notebook` would run it. This needs nbclient, nbformat
+and ipykernel (requirements.txt); opening the notebook interactively needs Jupyter too (`pip install notebook`).
 """
 
 import argparse
@@ -63,8 +64,9 @@ def execute(path, tiny=False, cell_timeout=600, kernel="python3", progress=print
         progress(f"cell {number}/{len(code_cells)} done in {time.time() - cell_started[cell_index]:5.1f} s "
                  f"(total {time.time() - started:5.0f} s): {first[:70]}")
 
-    # The kernel inherits this environment: the settings cell reads the tiny switch from it. Progress bars are off:
-    # in a saved notebook each of their updates would be a line (this tool prints a line per cell instead).
+    # The kernel inherits this environment: the settings cell reads the tiny switch from it. TQDM_DISABLE turns off
+    # the progress bars that do not set `disable` themselves (the project's do: collapse_progress keeps their last
+    # state); in a saved notebook each update of a bar would be a line (this tool prints a line per cell instead).
     environment = dict(os.environ, **{TINY_VARIABLE: "1" if tiny else "0", "TQDM_DISABLE": "1"})
     client = NotebookClient(notebook, timeout=cell_timeout, kernel_name=kernel, allow_errors=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},
