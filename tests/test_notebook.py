@@ -13,7 +13,7 @@ from conftest import ROOT
 
 NOTEBOOK = os.path.join(ROOT, "docs", "walkthrough.ipynb")
 MIN_IMAGES = 6   # the issue's bar: at least 6 pictures saved in the notebook
-MAX_MINUTES = 10  # the saved run's wall time, as its last cell prints it (issue 24)
+MAX_MINUTES = 10  # the saved run's wall time, as its last cell prints it, stays under this
 
 
 @pytest.fixture(scope="module")
