@@ -41,7 +41,8 @@ def data_dir(tmp_path_factory):
 
 # The longest files first, so that the two pytest workers (pytest.ini) finish together: a file runs whole on one
 # worker, and the digits pretraining of test_finetune alone takes about a minute.
-SLOWEST_FIRST = ("test_finetune.py", "test_race.py", "test_notebook.py", "test_cluster.py", "test_relatives.py")
+SLOWEST_FIRST = ("test_finetune.py", "test_reliability.py", "test_cluster.py", "test_race.py", "test_notebook.py",
+                 "test_family.py", "test_relatives.py", "test_judge.py", "test_train_vae.py")
 
 
 def pytest_collection_modifyitems(items):
