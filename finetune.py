@@ -5,12 +5,10 @@ What pretraining learned, measured on the same latents: the kNN probe, the linea
     python finetune.py --checkpoint runs/lmd --mode linprobe     # frozen encoder, BN + linear head, 90 epochs
     python finetune.py --checkpoint runs/lmd --mode finetune     # everything trains, layer decay
 
-knn and linprobe read the class token after the final norm (--features mean: the mean patch token) and, in the
-same invocation, measure the floors beside it: the LMD network of the same size and seed at random init
-(`random_init_top1`; on small sets random features are strong) and the raw pixels (`raw_pixels_top1`). A diffusion
-relative's encoder (no mask) is probed at model time 0, clean, and at 1, its lowest noise level; `top1` is the
-least noisy of the two it trained on (util/probes.py, docs/probes.md). The VAE, image size, patch size and model
-size come from the pretraining checkpoint, of any objective. Writes OUT/results.json (top-1 best and final;
+knn and linprobe read the class token after the final norm (--features mean: the mean patch token) and measure,
+in the same invocation, the floors beside it: the LMD network of the same size and seed at random init and the raw
+pixels. A diffusion relative's encoder is probed at model times 0 and 1 (util/probes.py, docs/probes.md). The VAE,
+image size, patch size and model size come from the checkpoint. Writes OUT/results.json (top-1 best and final;
 reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
 """
 
@@ -159,9 +157,8 @@ def resolve_config(flags, checkpoint_path, pretrained):
 
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objective=None):
-    """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The
-    network is the checkpoint's objective's, or `objective`'s ('lmd': the probes' floor), of the same size and
-    seed (a relative's classifier reads time 0: relatives/diffusion.py)."""
+    """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The network
+    is the checkpoint's objective's, or `objective`'s ('lmd': the probes' floor), of the same size and seed."""
     torch.manual_seed(checkpoint["config"]["seed"])
     network = {**checkpoint["config"], **{key: config[key] for key in GEOMETRY}}
     autoencoder = checkpoints.build_model({**network, "objective": objective or network.get("objective", "lmd")},
@@ -179,28 +176,23 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist):
     recipe = dict(epochs=config["epochs"], batch_size=config["batch_size"], seed=config["seed"],
                   base_lr=config["lr"] * 256 / config["batch_size"], warmup_epochs=config["warmup_epochs"])
     measured, pretrained = {}, None
-    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"]).items():
-        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True, objective)
-        classifier = classifier.to(dist.device)
-        if init == "pretrained" and pretrained is None:   # the one whose inference speed is measured
-            pretrained = classifier
-        train, val = (probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"])
-                      for data, views in ((train_data, flips), (val_data, (0,))))
+
+    def measure(name, train, val):   # one probe, and one line on the main process
         measured[name] = probes.probe(config["mode"], train, val, device=dist.device, **recipe)
-        report(config, name, measured[name][0], len(val_data), dist)
+        final, count = measured[name][0]["final"], len(val_data)
+        if dist.is_main:
+            print(f"{config['mode']} top-1 ({config['features']}), {name.replace('_', ' ')}: {final:.4f} "
+                  f"(val {count} images, standard error {probes.standard_error(final, count):.4f})", file=sys.stderr)
+
+    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"]).items():
+        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True,
+                                      objective).to(dist.device)
+        pretrained = pretrained or (classifier if init == "pretrained" else None)   # its inference speed is measured
+        measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"])
+                        for data, views in ((train_data, flips), (val_data, (0,)))))
     if config["raw_pixels"]:
-        train, val = probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,))
-        measured["raw_pixels"] = probes.probe(config["mode"], train, val, device=dist.device, **recipe)
-        report(config, "raw_pixels", measured["raw_pixels"][0], len(val_data), dist)
+        measure("raw_pixels", probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,)))
     return probes.result_fields(measured, checkpoint["config"]), pretrained
-
-
-def report(config, name, summary, count, dist):
-    """One line per probe on the main process: its top-1 and standard error."""
-    if dist.is_main:
-        print(f"{config['mode']} top-1 ({config['features']}), {name.replace('_', ' ')}: {summary['final']:.4f} "
-              f"(val {count} images, standard error {probes.standard_error(summary['final'], count):.4f})",
-              file=sys.stderr)
 
 
 def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, autocast):
