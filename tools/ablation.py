@@ -38,8 +38,11 @@ def build_parser():
                         help="comma-separated schedulers to compare (default: %(default)s)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run per scheduler and seed "
                                                      "(default: %(default)s)")
+    parser.add_argument("--probes", default="knn,linprobe",
+                        help="comma-separated probes per run, from knn and linprobe; 'none' skips them "
+                             "(default: %(default)s)")
     parser.add_argument("--linprobe-epochs", type=int, default=90,
-                        help="epochs of finetune.py --mode linprobe per run; 0 skips the probes (default: %(default)s)")
+                        help="epochs of finetune.py --mode linprobe per run (default: %(default)s)")
     parser.add_argument("--finetune-args", default="", help="extra finetune.py flags, one quoted string")
     parser.add_argument("--reuse", action="store_true", help="skip the pretraining of a run whose directory "
                                                              "already holds a finished run (summary.json)")
@@ -137,17 +140,18 @@ def main(argv=None):
         raise cli.UserError("ablation.py sets --scheduler and --seed itself, and --resume does not apply; drop "
                             "the flag")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    probes = [p.strip() for p in args.probes.split(",") if p.strip() not in ("", "none")]
+    if set(probes) - {"knn", "linprobe"}:
+        raise cli.UserError(f"--probes takes knn, linprobe or none, not {args.probes!r}")
     started = time.time()
     results = []
     for scheduler in schedulers:
         for seed in seeds:
             result = pretrain(scheduler, seed, train_args, os.path.join(args.out, f"{scheduler}-seed{seed}"),
                               args.reuse)
-            if args.linprobe_epochs:
-                extra = shlex.split(args.finetune_args)
-                result["knn"], result["knn_scratch"] = probe(result["run"], "knn", 0, extra)
-                result["linprobe"], result["linprobe_scratch"] = probe(result["run"], "linprobe",
-                                                                       args.linprobe_epochs, extra)
+            for mode in probes:
+                result[mode], result[mode + "_scratch"] = probe(result["run"], mode, args.linprobe_epochs,
+                                                                shlex.split(args.finetune_args))
             results.append(result)
     os.makedirs(args.out, exist_ok=True)
     text = report(results, argv, time.time() - started)
