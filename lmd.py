@@ -8,17 +8,16 @@ training ("from simple to difficult"). Read this file top to bottom:
     2. patches and masking    latents -> tokens -> a random subset kept visible
     3. transformer blocks     pre-norm ViT blocks, fixed 2-D sine-cosine position embeddings
     4. the model              encoder on visible tokens, decoder with mask tokens
-    5. the classifier         the pretrained encoder's features, and a head on them
-    6. schedulers             the mask ratio as a function of training progress
-    7. loss                   mean squared error over masked tokens only
+    5. schedulers             the mask ratio as a function of training progress
+    6. loss                   mean squared error over masked tokens only
+    7. the classifier         the pretrained encoder's features, and a head on them
 
-Data, the latent cache, checkpoints, devices and pictures live in util/; train.py and finetune.py use both.
+Loading a VAE, data, the latent cache, checkpoints, devices and pictures live in util/; train.py and finetune.py
+use both. One training step (schedule, forward, loss, optimiser) is util/pretraining.training_step.
 """
 
 import copy
-import json
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -33,9 +32,6 @@ class ConfigError(ValueError):
 #################################################################################
 #                              1. Latent projection                             #
 #################################################################################
-
-DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
-
 
 class LatentProjection(nn.Module):
     """A frozen map between images and the space the masked autoencoder works in.
@@ -83,36 +79,6 @@ class LatentProjection(nn.Module):
             raw = latents.to(self.vae.dtype) / self.scaling_factor + self.shift_factor
             latents = self.vae.decode(raw).sample.float()
         return ((latents + 1) / 2).clamp(0, 1)
-
-
-def tiny_vae():
-    """A small, randomly initialised AutoencoderKL in the SD layout (4 latent channels, downsampling 8), for offline
-    runs and tests only: its latents mean nothing. Seeded, so every run, cache and probe sees the same one."""
-    from diffusers import AutoencoderKL
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return AutoencoderKL(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
-                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                             latent_channels=4, mid_block_add_attention=False)
-
-
-def _vae_class(name_or_path):
-    """AutoencoderTiny for TAESD-style checkpoints (by config when local, by name otherwise), else AutoencoderKL."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
-    if os.path.isfile(config_path := os.path.join(name_or_path, "config.json")):
-        with open(config_path) as file:
-            return AutoencoderTiny if json.load(file).get("_class_name") == "AutoencoderTiny" else AutoencoderKL
-    return AutoencoderTiny if "taesd" in name_or_path.lower() else AutoencoderKL
-
-
-def load_projection(vae, device="cpu", dtype=torch.float32, local_files_only=False):
-    """`none` (pixels: the MAE baseline), `tiny` (untrained, for tests), a save_pretrained directory or a Hub id."""
-    if vae == "none":
-        return LatentProjection().to(device)
-    if vae == "tiny":
-        return LatentProjection(tiny_vae(), "tiny", trained=False).to(device, dtype)
-    model = _vae_class(vae).from_pretrained(vae, local_files_only=local_files_only, low_cpu_mem_usage=False)
-    return LatentProjection(model, vae).to(device, dtype)
 
 
 #################################################################################
@@ -240,6 +206,10 @@ MODEL_SIZES = {
 class MaskedLatentViT(nn.Module):
     """The masked autoencoder on a C x G x G latent grid cut into p x p patches (G*G/p^2 tokens of p*p*C values)."""
 
+    # What only pretraining uses: the classifier (section 7) is this network without them.
+    DECODER_PARTS = ("decoder_embed", "mask_token", "decoder_pos_embed", "decoder_blocks", "decoder_norm",
+                     "decoder_head")
+
     def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0):
         super().__init__()
         if size not in MODEL_SIZES:
@@ -327,52 +297,7 @@ class MaskedLatentViT(nn.Module):
 
 
 #################################################################################
-#                                5. The classifier                              #
-#################################################################################
-
-class LatentClassifier(nn.Module):
-    """The downstream classifier: the pretrained (or a fresh) encoder on all tokens, its features, a head.
-
-    The features are defined here, once for every use:
-    - a probe (`linear_probe=True`, and the kNN probe) reads the class token after the encoder's final norm, with
-      the encoder frozen in eval mode; the head is BatchNorm without affine parameters, then a linear layer (MAE);
-    - fine-tuning reads the mean of the patch tokens, then a fresh LayerNorm and a linear layer; all of it trains.
-    The decoder only serves pretraining: the classifier keeps a copy of `autoencoder` without it, so that the
-    optimiser, DDP and the saved classifier never see it. The `autoencoder` given is left as it was.
-    """
-
-    def __init__(self, autoencoder, num_classes, linear_probe=False):
-        super().__init__()
-        encoder = copy.deepcopy(autoencoder)
-        for name in [name for name in (*encoder._modules, *encoder._parameters, *encoder._buffers)
-                     if name.startswith("decoder_") or name == "mask_token"]:   # the decoder's parts
-            delattr(encoder, name)
-        self.encoder = encoder.requires_grad_(not linear_probe)
-        self.linear_probe = linear_probe
-        width = encoder.norm.normalized_shape[0]
-        norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if linear_probe else nn.LayerNorm(width, eps=1e-6)
-        self.head = nn.Sequential(norm, nn.Linear(width, num_classes))
-        nn.init.normal_(self.head[1].weight, std=0.01 if linear_probe else 2e-5)
-        nn.init.zeros_(self.head[1].bias)
-
-    def features(self, latents):
-        """latents [B, C, H, W] -> [B, width]: the class token (probes) or the mean patch token (fine-tuning)."""
-        encoded = self.encoder.encode_tokens(self.encoder.embed(latents))   # [B, 1 + L, width], after the norm
-        return encoded[:, 0] if self.linear_probe else encoded[:, 1:].mean(dim=1)
-
-    def forward(self, latents):
-        """latents [B, C, H, W] -> logits [B, num_classes]."""
-        return self.head(self.features(latents))
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.linear_probe:
-            self.encoder.eval()   # a frozen encoder gives the same features in training as at test time
-        return self
-
-
-#################################################################################
-#                                 6. Schedulers                                 #
+#                                 5. Schedulers                                 #
 #################################################################################
 
 SCHEDULERS = ("constant", "linear", "piecewise", "cosine")
@@ -383,7 +308,9 @@ class MaskSchedule:
     """The mask ratio as a pure function of training progress p = step / total_steps in [0, 1].
 
     The progressive schedules ramp from `start` to `end` over the first `ramp` fraction of training, then hold
-    `end`. `piecewise` passes through a plateau at `mid`. `constant` is the MAE baseline at `constant_ratio`.
+    `end` (the paper's grow; a falling ramp, start above end, is allowed). `piecewise` passes through a plateau at
+    `mid`. `constant` is the MAE baseline at `constant_ratio`. Any other function of progress into (0, 1) serves as
+    a schedule too (check_schedule).
     Because it depends on progress only, a resumed run continues the schedule where it stopped.
     """
     name: str = "cosine"
@@ -399,13 +326,8 @@ class MaskSchedule:
             raise ConfigError(f"unknown scheduler {self.name!r}; choose one of {', '.join(SCHEDULERS)}")
         for label, value in (("start", self.start), ("end", self.end), ("mid", self.mid),
                              ("constant", self.constant_ratio)):
-            if not 0 < value < 1:
+            if not 0 < value < 1:   # a falling ratio is allowed: only one that hides nothing or everything is not
                 raise ConfigError(f"mask ratio {label}={value} must lie strictly between 0 and 1")
-        if self.start > self.end:
-            raise ConfigError(f"mask ratio start ({self.start}) is above end ({self.end}); the ratio must grow")
-        if self.name == "piecewise" and not self.start <= self.mid <= self.end:
-            raise ConfigError(f"piecewise plateau ({self.mid}) must lie between start ({self.start}) "
-                            f"and end ({self.end})")
         if not 0 < self.ramp <= 1:
             raise ConfigError(f"ramp fraction {self.ramp} must lie in (0, 1]")
 
@@ -428,8 +350,19 @@ class MaskSchedule:
         return self.start + (self.end - self.start) * (1 - self._cosine_curve(u) / self._cosine_curve(0.0))
 
 
+def check_schedule(schedule, points=101):
+    """A schedule (any function of progress) -> itself, if its ratio lies in (0, 1) at `points` evenly spaced
+    points of training; else a ConfigError: a ratio of 0 or 1 leaves nothing to predict or nothing to see."""
+    for i in range(points):
+        ratio = schedule(i / (points - 1))
+        if not 0 < ratio < 1:
+            raise ConfigError(f"the mask ratio is {ratio} at progress {i / (points - 1):.2f}; a schedule must stay "
+                              "strictly between 0 and 1")
+    return schedule
+
+
 #################################################################################
-#                                    7. Loss                                    #
+#                                    6. Loss                                    #
 #################################################################################
 
 def masked_token_loss(predictions, targets, mask, normalize_targets=True):
@@ -448,3 +381,45 @@ def masked_token_loss(predictions, targets, mask, normalize_targets=True):
     return (per_token * mask).sum() / mask.sum()
 
 
+#################################################################################
+#                               7. The classifier                               #
+#################################################################################
+
+class LatentClassifier(nn.Module):
+    """The downstream classifier: the pretrained (or a fresh) encoder on all tokens, its features, a head.
+
+    The features are defined here, once for every use:
+    - a probe (`linear_probe=True`, and the kNN probe) reads the class token after the encoder's final norm, with
+      the encoder frozen in eval mode; the head is BatchNorm without affine parameters, then a linear layer (MAE);
+    - fine-tuning reads the mean of the patch tokens, then a fresh LayerNorm and a linear layer; all of it trains.
+    The decoder only serves pretraining: the classifier keeps a copy of `autoencoder` without it, so that the
+    optimiser, DDP and the saved classifier never see it. The `autoencoder` given is left as it was.
+    """
+
+    def __init__(self, autoencoder, num_classes, linear_probe=False):
+        super().__init__()
+        encoder = copy.deepcopy(autoencoder)
+        for part in autoencoder.DECODER_PARTS:   # the copy keeps the encoder and loses the decoder
+            setattr(encoder, part, None)
+        self.encoder = encoder.requires_grad_(not linear_probe)
+        self.linear_probe = linear_probe
+        width = encoder.norm.normalized_shape[0]
+        norm = nn.BatchNorm1d(width, affine=False, eps=1e-6) if linear_probe else nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Sequential(norm, nn.Linear(width, num_classes))
+        nn.init.normal_(self.head[1].weight, std=0.01 if linear_probe else 2e-5)
+        nn.init.zeros_(self.head[1].bias)
+
+    def features(self, latents):
+        """latents [B, C, H, W] -> [B, width]: the class token (probes) or the mean patch token (fine-tuning)."""
+        encoded = self.encoder.encode_tokens(self.encoder.embed(latents))   # [B, 1 + L, width], after the norm
+        return encoded[:, 0] if self.linear_probe else encoded[:, 1:].mean(dim=1)
+
+    def forward(self, latents):
+        """latents [B, C, H, W] -> logits [B, num_classes]."""
+        return self.head(self.features(latents))
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.linear_probe:
+            self.encoder.eval()   # a frozen encoder gives the same features in training as at test time
+        return self

@@ -28,11 +28,11 @@ from util import pictures
 from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. The sampler's (DDIM steps and eta) are the run's objective's: relatives.SAMPLING_DEFAULTS.
+# Defaults, in one block. The sampler's (DDIM steps and eta) are the run's objective's: its record's `sampler`.
 DEFAULTS = dict(checkpoint=None, out=None, num_images=500, sampling_steps=None, eta=None, seed=0, batch_size=250,
                 grid_images=64, device="auto", judge=True)
-SAMPLER_HELP = "; ".join(f"{objective}: {sampler['sampling_steps']} steps, eta {sampler['eta']:g}"
-                         for objective, sampler in relatives.SAMPLING_DEFAULTS.items())
+SAMPLER_HELP = "; ".join(f"{o.name}: {o.sampler['sampling_steps']} steps, eta {o.sampler['eta']:g}"
+                         for o in relatives.REGISTRY.values() if o.sampler)
 
 
 def build_parser():
@@ -58,9 +58,9 @@ def load_run(path, device):
     """A diffusion run's (config, step, model in eval mode, projection); an LMD run is refused in one line."""
     checkpoint = checkpoints.load_checkpoint(path)
     config = checkpoint["config"]
-    objective = config.get("objective", "lmd")
-    if objective not in relatives.GENERATIVE:
-        raise cli.UserError(f"{path!r} is an {objective} run, which cannot generate; train a diffusion model, "
+    objective = relatives.of(config)
+    if objective.sampler is None:
+        raise cli.UserError(f"{path!r} is an {objective.name} run, which cannot generate; train a diffusion model, "
                             f"e.g. python train.py --objective ddpm --init {path} ...")
     projection = vaes.open_projection(config["vae"], device)
     model = checkpoints.build_model(config, projection)
@@ -89,7 +89,7 @@ def main(argv=None):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(flags, flag)})")
     device = devices.select_device(flags.device)
     config, step, model, projection = load_run(flags.checkpoint, device)
-    for flag, value in relatives.SAMPLING_DEFAULTS[config["objective"]].items():
+    for flag, value in relatives.of(config).sampler.items():
         if getattr(flags, flag) is None:   # not given: the run's objective's sampler
             setattr(flags, flag, value)
     started = time.time()

@@ -34,18 +34,39 @@ from util import vaes
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. Image and patch size default per dataset (datasets.DEFAULT_IMAGE_SIZE, default_patch_size).
 DEFAULTS = dict(
-    objective="lmd", init=None, block_size=2, clean_share=0.5, clean_mask_ratio=0.75,
-    snr_gamma=relatives.diffusion.SNR_GAMMA,
-    scheduler="cosine", mask_ratio=0.75, mask_start=0.15, mask_end=0.75, mask_plateau=0.40, ramp_fraction=2 / 3,
-    dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=lmd.DEFAULT_VAE, image_size=None, patch_size=None,
+    objective="lmd", init=None,
+    dataset="cifar10", data_dir="./data", synthetic_size=5000, vae=vaes.DEFAULT_VAE, image_size=None, patch_size=None,
     model="small", steps=10_000, batch_size=256, base_lr=1.5e-4, lr=None, weight_decay=0.05, warmup_steps=None,
-    normalize_targets=True, cache=True, augment="auto", precision="auto", compile=False,
+    cache=True, augment="auto", precision="auto", compile=False,
     device="auto", seed=0, num_workers=None, out="runs/lmd", log_every=10, save_every=500, eval_images=256,
     resume=None, stop_after_step=None, grid_every=500, eval_only=False, encode_batch_size=vaes.ENCODE_CHUNK,
-)
+)   # the objectives' own flags (--scheduler, --mask-ratio, ...) and their defaults are in their records (relatives/)
 # Flags that may change when a run is resumed; every other flag must match the run's config.json.
 RESUME_OVERRIDES = {"device", "num_workers", "log_every", "save_every", "compile", "eval_images", "precision",
                     "stop_after_step", "grid_every", "eval_only", "encode_batch_size"}
+
+
+def show(value):
+    return f"{value:.4g}" if isinstance(value, float) else f"{value}"
+
+
+def defaults(objective="lmd"):
+    """Every flag's default for a run of `objective`: the shared ones (DEFAULTS), each objective's own flags at
+    their first declaration, then this objective's own values (relatives/: its record's flags and defaults)."""
+    declared = {key: owners[0][1].default for key, owners in relatives.own_flags().items()}
+    return {**DEFAULTS, **declared, **relatives.get(objective).run_defaults(), "objective": objective}
+
+
+def own_flag_help(owners):
+    """The help of an objective's own flag, from its records: what it does for each objective that reads it."""
+    helps = [own.help for _, own in owners]
+    if len(set(helps)) == 1:
+        text = f"{', '.join(name for name, _ in owners)}: {helps[0]}"
+    else:
+        text = "; ".join(f"{name}: {own.help}" for name, own in owners)
+    first = owners[0][1].default
+    others = "".join(f"; {name}: {show(own.default)}" for name, own in owners[1:] if own.default != first)
+    return f"{text} (default: {show(first)}{others})"
 
 
 def build_parser():
@@ -55,32 +76,18 @@ def build_parser():
 
     def add(flag, **kwargs):
         key = flag[2:].replace("-", "_")
-        show = lambda value: f"{value:.4g}" if isinstance(value, float) else f"{value}"   # noqa: E731
         if DEFAULTS[key] is not None and "%(default)" not in kwargs.get("help", ""):
-            others = "".join(f"; {name}: {show(values[key])}" for name, values in relatives.TRAINING_DEFAULTS.items()
-                             if key in values)
+            others = "".join(f"; {o.name}: {show(o.defaults[key])}" for o in relatives.REGISTRY.values()
+                             if key in o.defaults)
             kwargs["help"] += f" (default: {show(DEFAULTS[key])}{others})"
         parser.add_argument(flag, **kwargs)
 
-    add("--objective", choices=relatives.OBJECTIVES, help="'lmd' (the masked autoencoder), 'ddpm' (diffusion, no "
-        "mask), 'maskdm' (MaskDM stage 1; stage 2: --objective ddpm --init RUN), 'umd' (UMD; its generation "
-        "fine-tuning: --objective umd --init RUN --mask-ratio 0 --clean-share 0.05)")
+    add("--objective", choices=relatives.names(), help="; ".join(f"'{objective.name}': {objective.summary}"
+                                                              for objective in relatives.REGISTRY.values()))
     add("--init", metavar="RUN", help="start from the weights of an earlier run (LMD: its encoder; ddpm or "
                                       "MaskDM: every weight that fits), e.g. --objective ddpm --init MASKDM_RUN")
-    add("--block-size", type=int, help="MaskDM: side of the square blocks of tokens that are masked together "
-                                       "(1 = single tokens)")
-    add("--clean-share", type=float, help="UMD: r, the share of every batch that is clean (time 0, no noise, "
-                                          "an MAE step) and the clean loss's weight")
-    add("--clean-mask-ratio", type=float, help="UMD: the clean half's mask ratio")
-    add("--snr-gamma", type=float, help="diffusion objectives: weigh each noise level's eps loss by "
-        "min(SNR, gamma) / SNR (Min-SNR, Hang et al. 2023); 0 = the plain eps-MSE of the papers")
-    add("--scheduler", choices=lmd.SCHEDULERS, help="mask-ratio schedule; 'constant' is the MAE baseline")
-    add("--mask-ratio", type=float, help="the fixed ratio of --scheduler constant; MaskDM's block-mask ratio; "
-                                       "UMD's noised half's ratio")
-    add("--mask-start", type=float, help="mask ratio at the start of the progressive schedules")
-    add("--mask-end", type=float, help="mask ratio at the end of the ramp, held afterwards")
-    add("--mask-plateau", type=float, help="the middle plateau of --scheduler piecewise")
-    add("--ramp-fraction", type=float, help="fraction of training over which the ratio ramps up")
+    for key, owners in relatives.own_flags().items():   # each objective's own flags, from its record
+        parser.add_argument("--" + key.replace("_", "-"), help=own_flag_help(owners), **owners[0][1].argparse)
     add("--dataset", choices=datasets.DATASETS, help="training data; 'synthetic' needs no download")
     add("--synthetic-size", type=int, help="training images of --dataset synthetic (validation: a fifth of it)")
     add("--data-dir", help="dataset root (CIFAR is downloaded here; imagefolder reads DIR/train and DIR/val); "
@@ -98,8 +105,6 @@ def build_parser():
     add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
     add("--weight-decay", type=float, help="AdamW weight decay (none on biases, norms and tokens)")
     add("--warmup-steps", type=int, help="linear warm-up steps before the cosine decay (default: 5%% of --steps)")
-    add("--normalize-targets", action=argparse.BooleanOptionalAction,
-        help="predict per-token normalised targets (MAE's norm_pix_loss; the authors used it)")
     add("--cache", action=argparse.BooleanOptionalAction,
         help="encode each image (and its flip) once and train on the cached latents; --no-cache encodes "
              "every step and allows full augmentation")
@@ -136,8 +141,7 @@ def parse_flags(argv=None):
     """-> (all flags, the objective's own defaults over LMD's; the set of flags given). Local data and VAE paths are
     made absolute, so that the run's config (and finetune.py) finds them, and one latent cache, from anywhere."""
     given = vars(build_parser().parse_args(argv))
-    objective = given.get("objective", DEFAULTS["objective"])
-    flags = {**DEFAULTS, **relatives.TRAINING_DEFAULTS.get(objective, {}), **given}
+    flags = {**defaults(given.get("objective", DEFAULTS["objective"])), **given}
     flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
     return flags, set(given)
 
@@ -208,18 +212,12 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
     last_saved, started, unread = start_step, time.time(), []   # unread: this rank's losses not yet on the host
     latents = batches.latents(start_step) if start_step < last_step else None
     for step in bar:
-        mask_ratio = schedule(step / config["steps"])
         lr = optim.learning_rate(step, config["steps"], config["warmup_steps"], config["lr"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
         generator = sampling.step_generator(config["seed"], step, dist.rank, dist.device, stream="masks")
-        with torch.autocast(dist.device.type, dtype=autocast, enabled=autocast is not None):
-            loss, _, _ = train_model(latents, mask_ratio, config["normalize_targets"], generator=generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        loss, mask_ratio = pretraining.training_step(train_model, optimizer, latents, schedule, step / config["steps"],
+                                                     lr, generator, config["normalize_targets"], autocast)
         done = step + 1
-        unread.append(loss.detach())
+        unread.append(loss)
         if done < last_step:   # the next batch is gathered on the CPU while the GPU still computes this step
             latents = batches.latents(done)
         scheduled = done == last_step or any(every and done % every == 0 for every in
@@ -257,7 +255,7 @@ def train_steps(config, schedule, model, train_model, optimizer, batches, dist, 
 
 def main(argv=None):
     config, checkpoint = load_config(argv)
-    schedule = relatives.mask_schedule(config)   # first thing: bad ratios fail before any data is encoded
+    schedule = relatives.of(config).schedule(config)   # first thing: bad ratios fail before any data is encoded
     eval_only = config.pop("eval_only", False)   # a one-off action, never part of a run's saved config
     if eval_only and not checkpoint:
         raise cli.UserError("--eval-only evaluates a saved run: add --resume RUN (a run directory or checkpoint)")

@@ -12,6 +12,7 @@ import torch
 
 import lmd
 from relatives import diffusion
+from relatives.objective import Objective
 
 
 class DDPM(diffusion.DiffusionViT):
@@ -43,3 +44,12 @@ class DDPM(diffusion.DiffusionViT):
         loss = diffusion.eps_loss(predictions, self.patchify(noise), every_token,
                                   diffusion.min_snr_weights(t, self.snr_gamma))
         return loss, predictions, 1 - every_token
+
+
+OBJECTIVE = Objective(
+    name="ddpm", summary="diffusion, no mask",
+    build=lambda config, grid, channels: DDPM(config["model"], grid, config["patch_size"], channels,
+                                              snr_gamma=diffusion.snr_gamma(config)),
+    schedule=lambda config: (lambda progress: 0.0), flags=dict(snr_gamma=diffusion.SNR_GAMMA_FLAG),
+    defaults=diffusion.TRAINING_DEFAULTS, describe=lambda config: f"no mask, {diffusion.NOISE_WORDS}",
+    **diffusion.RECORD)

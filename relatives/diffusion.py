@@ -8,8 +8,10 @@ LMD keeps masking and drops the noise; its relatives keep both. Read this file t
     2. time conditioning     sinusoidal time embedding -> adaLN-Zero (DiT) in every transformer block
     3. the diffusion ViT     lmd.MaskedLatentViT with adaLN-Zero blocks in encoder and decoder, eps (and x0) heads
     4. the sampler           DDIM (diffusers' DDIMScheduler) with the eps head
+    5. their records         what the diffusion objectives' records (relatives/objective.py) have in common
 
-The objectives themselves (ddpm.py, maskdm.py) choose which tokens the network sees and which it is scored on.
+The objectives themselves (ddpm.py, maskdm.py, umd.py) choose which tokens the network sees and which it is scored
+on.
 """
 
 import functools
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 import lmd
+from relatives.objective import flag
 
 
 #################################################################################
@@ -155,6 +158,8 @@ class DiffusionViT(lmd.MaskedLatentViT):
     start at zero (DiT): at first the network predicts 0.
     """
 
+    DECODER_PARTS = (*lmd.MaskedLatentViT.DECODER_PARTS, "decoder_modulation")
+
     def __init__(self, size="tiny", grid_size=8, patch_size=2, channels=4, mlp_ratio=4.0, heads=("eps",),
                  mask_token=True, snr_gamma=SNR_GAMMA):
         super().__init__(size, grid_size, patch_size, channels, mlp_ratio)
@@ -278,3 +283,25 @@ def sample_images(model, projection, num_images, steps=50, eta=0.0, generator=No
     for pixels, where each step's x_0 estimate is clipped to the pixel range)."""
     latents = ddim_sample(model, num_images, steps, eta, generator, projection.is_pixels, device)
     return projection.decode(latents)
+
+
+#################################################################################
+#                                5. Their records                               #
+#################################################################################
+
+# The diffusion objectives' training defaults where they differ from LMD's (train.py's): small batches and no
+# weight decay, as DiT; peak lr 2e-3 at batch 64 (ddpm tiny on the digits' VAE latents, 3000 steps, min-SNR-5:
+# fd_normalised 0.31 at lr 1e-3, 0.21 at 2e-3; plain eps-MSE 0.56 at 1e-3, 0.36 at 2e-3, 0.38 at 4e-3). The targets
+# (the noise) are never normalised.
+TRAINING_DEFAULTS = dict(batch_size=64, base_lr=8e-3, weight_decay=0.0, normalize_targets=False)
+SNR_GAMMA_FLAG = flag(SNR_GAMMA, "weigh each noise level's eps loss by min(SNR, gamma) / SNR (Min-SNR, Hang et al. "
+                                 "2023); 0 = the plain eps-MSE of the papers", type=float)
+DDIM_50 = dict(sampling_steps=50, eta=0.0)   # how sample.py samples unless told: DDIM, 50 steps, eta 0
+NOISE_WORDS = "cosine betas, T = 1000"          # the noise, in words, for the line a run starts with
+RECORD = dict(loss_name="eps loss", held_out_key="held_out_eps_loss", sampler=DDIM_50, grid="samples",
+              lowest_time=lambda config: 1)   # only ever told t + 1 >= 1
+
+
+def snr_gamma(config):
+    """The run's min-SNR gamma; runs from before the weighting trained with the plain eps-MSE (0)."""
+    return config.get("snr_gamma", 0.0)

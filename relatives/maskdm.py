@@ -17,6 +17,7 @@ import torch
 
 import lmd
 from relatives import diffusion
+from relatives.objective import Objective, fixed_ratio, flag
 
 
 #################################################################################
@@ -86,3 +87,30 @@ class MaskDM(diffusion.DiffusionViT):
         predictions = torch.zeros(*mask.shape, eps_visible.shape[-1], device=latents.device, dtype=eps_visible.dtype)
         predictions.scatter_(1, keep_indices.unsqueeze(-1).expand_as(eps_visible), eps_visible)
         return loss, predictions, mask
+
+
+#################################################################################
+#                                  Its record                                   #
+#################################################################################
+
+def schedule(config):
+    """A fixed ratio, strictly between 0 and 1 (some blocks seen, some masked)."""
+    if not 0 < config["mask_ratio"] < 1:
+        raise lmd.ConfigError(f"mask ratio {config['mask_ratio']} must lie strictly between 0 and 1")
+    return fixed_ratio(config)
+
+
+# Its ratio 0.75 in blocks of 2 x 2 tokens keeps one block of four on a 4 x 4 token grid.
+OBJECTIVE = Objective(
+    name="maskdm", summary="MaskDM stage 1; stage 2: --objective ddpm --init RUN",
+    build=lambda config, grid, channels: MaskDM(config["model"], grid, config["patch_size"], channels,
+                                                block_size=config["block_size"], snr_gamma=diffusion.snr_gamma(config)),
+    schedule=schedule,
+    flags=dict(block_size=flag(2, "side of the square blocks of tokens that are masked together (1 = single tokens)",
+                               type=int),
+               mask_ratio=flag(0.75, "the share of the blocks masked", type=float),
+               snr_gamma=diffusion.SNR_GAMMA_FLAG),
+    defaults=diffusion.TRAINING_DEFAULTS,
+    describe=lambda config: f"{config['mask_ratio']} of {config.get('block_size')}x{config.get('block_size')} blocks "
+                            f"masked, {diffusion.NOISE_WORDS}",
+    **diffusion.RECORD)

@@ -14,7 +14,7 @@ only says which tokens each half sees and on which each head is scored. What rea
 - the probes (finetune.py) read the encoder at model time 0, with no noise and no mask: lmd.LatentClassifier calls
   encode_tokens without a time, which diffusion.DiffusionViT takes as clean;
 - sample.py samples with the eps head (diffusion.DiffusionViT.predict_eps, every token seen), by the paper's DDIM (125
-  steps, eta 1: relatives.SAMPLING_DEFAULTS);
+  steps, eta 1: its record's sampler);
 - generation fine-tuning, as in the paper: train.py --objective umd --init RUN --mask-ratio 0 --clean-share 0.05.
 
 Differences from the paper's code (JAX): one class token and no register tokens (lmd's encoder); the tokens are
@@ -26,6 +26,7 @@ import torch
 
 import lmd
 from relatives import diffusion
+from relatives.objective import Objective, fixed_ratio, flag
 
 # The paper's ratios; each is a train.py flag (--clean-share, --clean-mask-ratio, --mask-ratio).
 CLEAN_SHARE = 0.5          # r: the share of every batch that is clean, and the clean loss's weight
@@ -110,3 +111,37 @@ class UMD(diffusion.DiffusionViT):
         if "clean" in terms:
             loss = loss + self.clean_share * terms["clean"]
         return loss
+
+
+#################################################################################
+#                                  Its record                                   #
+#################################################################################
+
+def schedule(config):
+    """The noised half's fixed ratio, 0 allowed (generation fine-tuning)."""
+    if not 0 <= config["mask_ratio"] < 1:
+        raise lmd.ConfigError(f"UMD's mask ratio {config['mask_ratio']} must lie in [0, 1)")
+    return fixed_ratio(config)
+
+
+# Its batch of 128 is two halves of 64, so that its noised half is ddpm's batch (peak lr 4e-3 by the same base lr;
+# docs/family.md: at batch 64, 32 noised images a step, its samples after 3000 steps fail the bar). It samples as its
+# paper does, DDIM with 125 steps and eta 1 (on the digits 0.08 to 0.18 lower fd_normalised than 50 steps with
+# eta 0, in each of its runs measured in docs/family.md).
+OBJECTIVE = Objective(
+    name="umd", summary="UMD; its generation fine-tuning: --objective umd --init RUN --mask-ratio 0 --clean-share 0.05",
+    build=lambda config, grid, channels: UMD(config["model"], grid, config["patch_size"], channels,
+                                             clean_share=config["clean_share"],
+                                             clean_mask_ratio=config["clean_mask_ratio"],
+                                             snr_gamma=diffusion.snr_gamma(config)),
+    schedule=schedule,
+    flags=dict(clean_share=flag(CLEAN_SHARE, "r, the share of every batch that is clean (time 0, no noise, an MAE "
+                                             "step) and the clean loss's weight", type=float),
+               clean_mask_ratio=flag(CLEAN_MASK_RATIO, "the clean half's mask ratio", type=float),
+               mask_ratio=flag(NOISED_MASK_RATIO, "the noised half's mask ratio", type=float),
+               snr_gamma=diffusion.SNR_GAMMA_FLAG),
+    defaults=dict(diffusion.TRAINING_DEFAULTS, batch_size=128),
+    describe=lambda config: f"a clean share {config.get('clean_share')} at mask {config.get('clean_mask_ratio')}, "
+                            f"the rest noised at mask {config['mask_ratio']}, {diffusion.NOISE_WORDS}",
+    **{**diffusion.RECORD, "sampler": dict(sampling_steps=125, eta=1.0),
+       "lowest_time": lambda config: 0 if config.get("clean_share", 0) > 0 else 1})   # its clean half: time 0

@@ -178,7 +178,7 @@ def test_mnist_provenance_follows_the_content_not_the_gzip(tmp_path, no_system_f
     plain = provenance(tmp_path / "plain")
     assert plain == provenance(tmp_path / "packed") and plain != provenance(tmp_path / "changed")
     assert plain["count"] == 4 and len(plain["sha256"]) == 16
-    expected = latent_cache.cache_provenance("fashion-mnist", "val", lmd.load_projection("none"), 32,
+    expected = latent_cache.cache_provenance("fashion-mnist", "val", vaes.load_projection("none"), 32,
                                              datasets.load_image_source("fashion-mnist", str(tmp_path / "changed"),
                                                                         "val", 32))
     assert expected["data"]["sha256"] != plain["sha256"]             # what a cache is checked against
@@ -237,7 +237,7 @@ def test_cached_labels_line_up_with_their_images(tmp_path):
     """Read each cached item's label back from its own pixels (the pixel projection caches [-1, 1] images)."""
     class_coded_folder(tmp_path)
     config = dict(dataset="imagefolder", data_dir=str(tmp_path), image_size=16, vae="none", synthetic_size=0)
-    cache = latent_cache.dataset_latents(config, "train", lmd.load_projection("none"), devices.Distributed("cpu"))
+    cache = latent_cache.dataset_latents(config, "train", vaes.load_projection("none"), devices.Distributed("cpu"))
     grey = (cache["latents"][:, 0].float().mean(dim=(1, 2, 3)) + 1) / 2 * 255          # [N], per cached item
     assert torch.equal(((grey - 40) / 60).round().long(), cache["labels"])
     assert torch.equal(cache["latents"][:, 1], cache["latents"][:, 0].flip(-1))          # and its mirror image
@@ -246,7 +246,7 @@ def test_cached_labels_line_up_with_their_images(tmp_path):
 def test_a_changed_image_folder_rebuilds_its_cache(tmp_path, capsys):
     class_coded_folder(tmp_path)
     config = dict(dataset="imagefolder", data_dir=str(tmp_path), image_size=16, vae="none", synthetic_size=0)
-    dist, projection = devices.Distributed("cpu"), lmd.load_projection("none")
+    dist, projection = devices.Distributed("cpu"), vaes.load_projection("none")
     latent_cache.dataset_latents(config, "train", projection, dist)
     Image.new("RGB", (16, 16), (255, 255, 255)).save(tmp_path / "train" / "class0" / "0.png")   # same name, new image
     capsys.readouterr()
@@ -259,7 +259,7 @@ def test_a_vae_directory_has_one_cache_found_from_any_directory(tmp_path, monkey
     """`--vae VAE`, `./VAE` and its absolute path are one VAE with one latent cache, and the run's config names the
     VAE and the data by absolute paths, so that finetune.py run from another directory reuses both."""
     import finetune
-    lmd.tiny_vae().save_pretrained(tmp_path / "VAE")
+    vaes.tiny_vae().save_pretrained(tmp_path / "VAE")
     monkeypatch.chdir(tmp_path)
     config = dict(dataset="synthetic", data_dir="data", image_size=32, synthetic_size=20, num_workers=0)
     for typed in ("VAE", "./VAE/", str(tmp_path / "VAE")):

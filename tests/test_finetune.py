@@ -18,6 +18,7 @@ import lmd
 from util import checkpoints
 from util import cli
 from util import devices
+from util import vaes
 from util import latent_cache
 from util import optim
 from util import probes as probe_util
@@ -91,7 +92,7 @@ def test_knn_results_carry_the_floors(run, knn):
 def ddpm_knn(run, knn):
     """kNN of a ddpm checkpoint at its own init, saved directly (no training), of the digits run's seed and size."""
     config = dict(checkpoints.load_checkpoint(str(run))["config"], objective="ddpm", out=str(run.parent / "ddpm"),
-                  **relatives.TRAINING_DEFAULTS["ddpm"])
+                  **relatives.get("ddpm").run_defaults())
     torch.manual_seed(config["seed"])
     model = checkpoints.build_model(config, lmd.LatentProjection())
     checkpoints.save_run(str(run.parent / "ddpm" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()),
@@ -127,7 +128,7 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
     from sklearn.preprocessing import StandardScaler
     config = finetune.resolve_config({"checkpoint": str(run), "mode": "linprobe", **dict(num_workers=0)}, str(run),
                                      checkpoints.load_checkpoint(str(run))["config"])
-    dist, projection = devices.Distributed("cpu"), lmd.load_projection("none")
+    dist, projection = devices.Distributed("cpu"), vaes.load_projection("none")
     checkpoint = checkpoints.load_checkpoint(str(run))
     classifier = finetune.build_classifier(config, checkpoint, projection, 10, "pretrained", True)
     (train_x, train_y), (val_x, val_y) = (probe_util.split_features(classifier, latent_cache.Split(config, split, projection,

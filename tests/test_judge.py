@@ -153,11 +153,10 @@ def test_sample_py_records_the_batch_size(tmp_path, monkeypatch):
     """With eta > 0 the batch size changes the samples (the noise of every step is drawn batch by batch)."""
     import json
     import lmd
-    import relatives
     import sample
     import train
     from util import checkpoints
-    config = dict(train.DEFAULTS, **relatives.TRAINING_DEFAULTS["ddpm"], objective="ddpm", model="tiny",
+    config = dict(train.defaults("ddpm"), model="tiny",
                   vae="none", image_size=32, patch_size=8, steps=1, dataset="digits", data_dir=str(tmp_path))
     torch.manual_seed(0)
     model = checkpoints.build_model(config, lmd.LatentProjection())

@@ -101,11 +101,28 @@ def test_scheduler_options_are_configurable():
     assert lmd.MaskSchedule("constant", constant_ratio=0.6)(0.3) == 0.6
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="exponential"), dict(start=0.0), dict(end=1.0), dict(start=0.8),
-                                    dict(constant_ratio=1.5), dict(ramp=0.0), dict(name="piecewise", mid=0.9)])
-def test_scheduler_rejects_bad_settings(kwargs):
+@pytest.mark.parametrize("kwargs", [dict(name="exponential"), dict(start=0.0), dict(end=1.0), dict(mid=1.0),
+                                    dict(constant_ratio=1.5), dict(ramp=0.0), dict(ramp=1.5)])
+def test_scheduler_rejects_only_what_cannot_work(kwargs):
     with pytest.raises(lmd.ConfigError):
         lmd.MaskSchedule(**kwargs)
+
+
+def test_a_falling_schedule_is_allowed_and_falls():
+    falling = lmd.MaskSchedule("cosine", start=0.9, end=0.5)
+    ratios = [falling(p / 20) for p in range(21)]
+    assert ratios[0] == pytest.approx(0.9) and ratios[-1] == pytest.approx(0.5)
+    assert all(a >= b for a, b in zip(ratios, ratios[1:]))
+    assert lmd.MaskSchedule("piecewise", start=0.3, mid=0.9, end=0.6)(1 / 3) == pytest.approx(0.9)   # off the path
+
+
+def test_check_schedule_takes_any_function_into_0_1():
+    falling = lambda progress: 0.9 - 0.4 * progress   # noqa: E731
+    assert lmd.check_schedule(falling) is falling
+    with pytest.raises(lmd.ConfigError, match="at progress 1.00"):
+        lmd.check_schedule(lambda progress: 0.5 - 0.5 * progress)   # hides nothing at the end
+    with pytest.raises(lmd.ConfigError, match="at progress 0.00"):
+        lmd.check_schedule(lambda progress: 1.0)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -214,7 +231,7 @@ def test_classifier_features_are_the_class_token_for_probes_and_the_mean_patch_t
     assert torch.allclose(finetune.features(latents), encoded[:, 1:].mean(dim=1), atol=1e-5)
     assert probe(latents).shape == finetune(latents).shape == (4, 10)
     assert not any(p.requires_grad for p in probe.encoder.parameters())
-    assert not hasattr(probe.encoder, "decoder_blocks")
+    assert all(getattr(probe.encoder, part) is None for part in model.DECODER_PARTS)   # no decoder left
 
 
 def test_classifier_leaves_the_autoencoder_it_is_given_as_it_was():

@@ -172,8 +172,8 @@ def diffusion_flags(data_dir, out, **overrides):
 
 def save_fresh_run(path, objective, data_dir):
     """A run directory holding the checkpoint of a fresh model, as train.py writes it (no training: cheap)."""
-    config = dict(train.DEFAULTS, **relatives.TRAINING_DEFAULTS.get(objective, {}),
-                  **dict(objective=objective, model="tiny", vae="none", image_size=32, patch_size=8, steps=2,
+    config = dict(train.defaults(objective),
+                  **dict(model="tiny", vae="none", image_size=32, patch_size=8, steps=2,
                          dataset="synthetic", data_dir=data_dir, out=str(path)))
     torch.manual_seed(1)
     model = checkpoints.build_model(config, lmd.LatentProjection())

@@ -77,7 +77,7 @@ BAD_INPUTS = {
     "unknown scheduler": (["--scheduler", "exponential"], "invalid choice"),
     "start ratio zero": (["--mask-start", "0"], "strictly between 0 and 1"),
     "end ratio one": (["--mask-end", "1.0"], "strictly between 0 and 1"),
-    "start above end": (["--mask-start", "0.8", "--mask-end", "0.5"], "above end"),
+    "piecewise plateau at one": (["--scheduler", "piecewise", "--mask-plateau", "1.0"], "strictly between 0 and 1"),
     "constant ratio above one": (["--scheduler", "constant", "--mask-ratio", "1.5"], "strictly between"),
     "indivisible image size": (["--image-size", "60"], "not divisible"),
     "batch larger than the dataset": (["--batch-size", "100"], "fewer than one batch"),
@@ -123,7 +123,7 @@ def test_offline_default_command_fails_fast_with_a_way_out(tmp_path, monkeypatch
         if local_files_only:
             raise OSError(f"{vae} is not in the local Hub cache")
         raise AssertionError("the VAE would have been downloaded")
-    monkeypatch.setattr(vaes.lmd, "load_projection", empty_hub_cache)
+    monkeypatch.setattr(vaes, "load_projection", empty_hub_cache)
     monkeypatch.setattr(vaes, "_hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(lambda: train.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]))

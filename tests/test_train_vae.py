@@ -1,4 +1,4 @@
-"""tools/train_vae.py: a few steps on digits write a VAE directory that lmd.load_projection opens with the right
+"""tools/train_vae.py: a few steps on digits write a VAE directory that vaes.load_projection opens with the right
 geometry and scaling factor, its provenance and its grid; Fashion-MNIST from idx files; bad input is one line and
 exit status 2."""
 
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-import lmd
+from util import vaes
 from conftest import ROOT
 
 SCRIPT = os.path.join(ROOT, "tools", "train_vae.py")
@@ -45,7 +45,7 @@ def test_writes_a_vae_that_load_projection_opens(vae_dir):
     assert PROVENANCE_KEYS <= set(record)
     assert record["trained"] is True and record["dataset"] == "digits" and record["steps"] == 3
     assert record["train_size"] + record["val_size"] == 1797 and 0.9e6 < record["parameters"] < 0.95e6
-    projection = lmd.load_projection(vae_dir)
+    projection = vaes.load_projection(vae_dir)
     assert projection.downsample == 4 and projection.channels == 4
     assert projection.scaling_factor == pytest.approx(record["scaling_factor"])
     assert projection.scaling_factor != 1.0

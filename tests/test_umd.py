@@ -179,7 +179,7 @@ def runs(tmp_path_factory, data_dir):
         train.main(flags(data_dir, root / "umd", objective="umd"))
         train.main(flags(data_dir, root / "umd_ft", objective="umd", init=root / "umd", mask_ratio=0.0,
                          clean_share=0.05))
-    config = dict(train.DEFAULTS, **relatives.TRAINING_DEFAULTS["ddpm"], objective="ddpm", model="tiny", vae="none",
+    config = dict(train.defaults("ddpm"), model="tiny", vae="none",
                   image_size=32, patch_size=8, steps=2, dataset="synthetic", synthetic_size=64, data_dir=data_dir,
                   out=str(root / "ddpm"))
     torch.manual_seed(1)

@@ -15,7 +15,7 @@ def vae_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("vaes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
-        lmd.tiny_vae().save_pretrained(root / "kl")
+        vaes.tiny_vae().save_pretrained(root / "kl")
         blocks = dict(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                       num_encoder_blocks=(1,) * 4, num_decoder_blocks=(1,) * 4)
         AutoencoderTiny(**blocks).save_pretrained(root / "taesd")

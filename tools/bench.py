@@ -530,7 +530,7 @@ def run_benchmark(args, device, started, load_before):
     _free(device)
 
     # b. The same LMD model with the VAE encoding every batch, against cached latents, at the training batch.
-    sd = (lmd.LatentProjection(lmd.tiny_vae(), "tiny", trained=False) if smoke else sd_vae_layout(args.seed)).to(device)
+    sd = (lmd.LatentProjection(vaes.tiny_vae(), "tiny", trained=False) if smoke else sd_vae_layout(args.seed)).to(device)
     taesd = taesd_layout(args.seed, tiny=smoke).to(device)
     heavy = not smoke
     rows = [train("lmd_cached", "b", "LMD pretraining, cached latents", lmd_paper, data.latent_batch, None,

@@ -178,7 +178,7 @@ def run_row(args, row, seed):
     record = dict(row=row, seed=seed, run=previous, objective=stages[-1][0], steps=args.steps,
                   training_seconds=round(seconds, 1))
     probe_all(args, record)
-    if stages[-1][0] in relatives.GENERATIVE:
+    if relatives.get(stages[-1][0]).sampler:   # a generative row: sampled and judged
         samples = os.path.join(directory, "samples")
         result = sample.main(["--checkpoint", previous, "--out", samples, "--num-images", str(args.num_images),
                               "--sampling-steps", str(args.sampling_steps), "--eta", "0", "--seed", str(seed),

@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)  # runnable as `python tools/race.py` from anywhere
 import torch  # noqa: E402
 
 import lmd  # noqa: E402
-from util import cli, datasets, devices, optim, probes, sampling, vaes  # noqa: E402
+from util import cli, datasets, devices, optim, pretraining, probes, sampling, vaes  # noqa: E402
 
 # The laptop recipe of the README (tiny model, unnormalised targets), the same for the three methods.
 DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, warmup_fraction=0.05, probes=8)
@@ -160,19 +160,16 @@ def new_model(data, seed, device):
 
 
 def train_step(model, optimizer, data, schedule, step, progress, seed, batch_size, device):
-    """One optimiser step of masked autoencoding at progress = training seconds / budget in [0, 1]."""
+    """One optimiser step of masked autoencoding at progress = training seconds / budget in [0, 1]: train.py's step
+    (pretraining.training_step) on this step's batch, with the learning rate of the same progress."""
     lr = optim.learning_rate(int(progress * LR_RESOLUTION), LR_RESOLUTION,
                              int(DEFAULTS["warmup_fraction"] * LR_RESOLUTION), data["lr"] * batch_size / 256)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     indices = sampling.batch_indices(step, len(data["train_labels"]), batch_size, seed)
     flips = sampling.step_generator(seed, step, stream="flips")   # its own stream, not a bit of the mask noise
     views = torch.randint(0, data["views"], (len(indices),), generator=flips)
-    loss, _, _ = model(batch_inputs(data, "train", indices, views, device), schedule(min(progress, 1.0)), False,
-                       generator=sampling.step_generator(seed, step, device=device))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    loss, _ = pretraining.training_step(model, optimizer, batch_inputs(data, "train", indices, views, device),
+                                        schedule, min(progress, 1.0), lr, sampling.step_generator(seed, step,
+                                                                                                  device=device))
     return loss
 
 

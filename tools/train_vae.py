@@ -5,7 +5,7 @@ Train a small diffusers AutoencoderKL (SD layout, 4 latent channels, downsamplin
     python train.py --vae runs/vae_digits ...                              # then use it as the frozen VAE
     python tools/train_vae.py --dataset fashion-mnist --out runs/vae-fashion --threads 1   # 1000 steps, ~4-5 min
 
-Writes VAE_DIR as `save_pretrained` does (config.json + weights, loadable by lmd.load_projection), with
+Writes VAE_DIR as `save_pretrained` does (config.json + weights, loadable by util.vaes.load_projection), with
 `scaling_factor` set to 1 / std of the training latents (of at most SCALE_IMAGES of them), plus
 VAE_DIR/training.json (where the VAE came from: dataset, directory, settings, val PSNR, seconds) and
 VAE_DIR/reconstructions.png (one val image per class on top, their reconstructions below, labelled). The loss is

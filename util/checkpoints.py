@@ -109,14 +109,14 @@ def load_init(model, path, config):
         if source.get(key) != config.get(key):
             raise UserError(f"--init {path!r} was trained with --{key.replace('_', '-')} {source.get(key)}, this run "
                             f"has {config.get(key)}; use the same value")
-    objective = source.get("objective", "lmd")
-    own = model.state_dict()
+    objective = relatives.of(source)
+    own, decoder_parts = model.state_dict(), tuple(model.DECODER_PARTS)
     taken = {name: tensor for name, tensor in checkpoint["model"].items()
              if name in own and own[name].shape == tensor.shape
-             and not (objective == "lmd" and (name.startswith("decoder_") or name == "mask_token"))}
+             and (objective.decoder_transfers or not name.startswith(decoder_parts))}
     if not any(name.startswith("blocks.") for name in taken):
         raise UserError(f"--init {path!r}: none of its encoder blocks fit this model; check --model and --patch-size")
     model.load_state_dict(taken, strict=False)
     fresh = sorted({name.split(".")[0] for name in own if name not in taken})
-    return dict(run=path, objective=objective, step=checkpoint["step"], tensors_loaded=len(taken),
+    return dict(run=path, objective=objective.name, step=checkpoint["step"], tensors_loaded=len(taken),
                 tensors_fresh=len(own) - len(taken), fresh_parts=fresh)

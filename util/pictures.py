@@ -10,6 +10,7 @@ import os
 import torch
 
 import lmd
+import relatives
 from util.datasets import ImageDataset, load_image_source
 from util.sampling import step_generator
 
@@ -203,10 +204,11 @@ class SampleGridWriter:
 
 
 def grid_writer(model, projection, config):
-    """The run's grid: reconstructions of masked images (LMD), or generated samples (the diffusion objectives)."""
-    if config.get("objective", "lmd") == "lmd":
-        return GridWriter(model, projection, config)
-    return SampleGridWriter(model, projection, config)
+    """The run's grid, as its objective's record says: reconstructions of masked images (LMD), or generated samples
+    (the diffusion objectives)."""
+    if relatives.of(config).grid == "samples":
+        return SampleGridWriter(model, projection, config)
+    return GridWriter(model, projection, config)
 
 
 class GridWriter:
@@ -246,16 +248,17 @@ def plot_curves(metrics_path, path):
     if os.path.exists(summary_path) and steps:
         with open(summary_path) as file:
             summary = json.load(file)
-        final = summary.get("held_out_loss_at_0_75", summary.get("held_out_eps_loss"))
+        final = next((summary[o.held_out_key] for o in relatives.REGISTRY.values() if o.held_out_key in summary), None)
         if summary.get("step") == steps[-1] and final is not None and (not held_out or held_out[-1][0] != steps[-1]):
             held_out.append((summary["step"], final))
-    # A diffusion objective's loss is the eps-MSE; its held-out loss is measured at its own (fixed) ratio.
-    diffusion, config_path = False, os.path.join(os.path.dirname(metrics_path), "config.json")
+    # The loss is the objective's (masked-token MSE, eps-MSE); its held-out loss is measured at the record's ratio.
+    config, config_path = {}, os.path.join(os.path.dirname(metrics_path), "config.json")
     if os.path.exists(config_path):
         with open(config_path) as file:
-            diffusion = json.load(file).get("objective", "lmd") != "lmd"
-    what, held_out_label = ("eps loss", "held-out (validation)") if diffusion else \
-        ("masked-token loss", "held-out (validation, at ratio 0.75)")
+            config = json.load(file)
+    objective = relatives.of(config)
+    what = objective.loss_name
+    held_out_label = f"held-out (validation, at ratio {objective.mask_ratio_held_out(config)})"
     figure = Figure(figsize=(10, 3.6), layout="constrained")
     loss_axes, ratio_axes = figure.subplots(1, 2)
     # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as the
@@ -273,14 +276,16 @@ def plot_curves(metrics_path, path):
     return path
 
 
-def plot_schedules(path, start=0.15, end=0.75, mid=0.40, ramp=2 / 3, constant_ratio=0.75):
-    """The four mask-ratio schedules of MaskSchedule over training progress 0..1, on one set of axes."""
+def plot_schedules(path, start=0.15, end=0.75, mid=0.40, ramp=2 / 3, constant_ratio=0.75, schedules=None):
+    """Mask-ratio schedules over training progress 0..1, on one set of axes: `schedules` {label: function of
+    progress}, any number of them (default: the four of MaskSchedule), with the end of MaskSchedule's ramp marked."""
     from matplotlib.figure import Figure
+    if schedules is None:
+        schedules = {name: lmd.MaskSchedule(name, start, end, mid, ramp, constant_ratio) for name in lmd.SCHEDULERS}
     progress = [i / 300 for i in range(301)]
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     axes = figure.subplots()
-    for name, style in zip(lmd.SCHEDULERS, (":", "-", "--", "-")):
-        schedule = lmd.MaskSchedule(name, start, end, mid, ramp, constant_ratio)
+    for (name, schedule), style in zip(schedules.items(), itertools.cycle((":", "-", "--", "-", "-."))):
         axes.plot(progress, [schedule(p) for p in progress], style, label=name, linewidth=2)
     axes.axvline(ramp, color="grey", linewidth=0.8)
     axes.text(ramp + 0.01, 0.9, "end of the ramp", color="grey")

@@ -1,5 +1,6 @@
-"""The pieces of a pretraining run around train.py's loop: resuming a run, its directory and metrics file, stop
-requests, the batches of each step, the held-out loss and the non-finite check."""
+"""The pieces of a pretraining run around train.py's loop: the training step itself (train.py and tools/race.py
+both call it), resuming a run, its directory and metrics file, stop requests, the batches of each step, the
+held-out loss and the non-finite check."""
 
 import json
 import math
@@ -18,6 +19,26 @@ from util import pictures
 from util import sampling
 from util import vaes
 from util.cli import UserError
+
+
+def training_step(model, optimizer, latents, schedule, progress, lr, generator, normalize_targets=False,
+                  autocast=None):
+    """One optimiser step of any objective at training progress in [0, 1] -> (loss [], detached; the mask ratio).
+
+    latents [B, C, h, w]: this step's batch; schedule: the objective's mask ratio as a function of progress (its
+    record's); generator: this step's own, for the masks, times and noise (a resumed run draws what it would have);
+    autocast: the dtype of mixed precision, or None. Distribution, stop signals, non-finite checks and logging are
+    the caller's.
+    """
+    mask_ratio = schedule(progress)                       # the curriculum: how much of each latent to hide now
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(latents.device.type, dtype=autocast, enabled=autocast is not None):
+        loss, _, _ = model(latents, mask_ratio, normalize_targets, generator=generator)   # the objective's loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), mask_ratio
 
 
 def resumed_run(flags, given, overrides):
@@ -46,13 +67,9 @@ def start_run_directory(config, model, dist, start_step):
     with open(os.path.join(config["out"], "config.json"), "w") as file:
         json.dump(config, file, indent=2)
     keep_metrics_before(os.path.join(config["out"], "metrics.jsonl"), start_step)
-    objective = config.get("objective", "lmd")
-    masking = dict(lmd=f"{config['scheduler']} schedule", ddpm="no mask, cosine betas, T = 1000",
-                   maskdm=f"{config['mask_ratio']} of {config.get('block_size')}x{config.get('block_size')} blocks "
-                          "masked, cosine betas, T = 1000",
-                   umd=f"a clean share {config.get('clean_share')} at mask {config.get('clean_mask_ratio')}, the rest "
-                       f"noised at mask {config['mask_ratio']}, cosine betas, T = 1000").get(objective, objective)
-    print(f"{objective.upper()}: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x"
+    objective = relatives.of(config)
+    masking = objective.describe(config)
+    print(f"{objective.name.upper()}: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x"
           f"{model.patch_size}x{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
           f"{masking}, {dist.world_size} process(es) on {dist.device}, from step {start_step}", file=sys.stderr)
 
@@ -164,8 +181,10 @@ def seeded_batches(config, num_items, dist, start_step):
 
 
 def held_out_loss(projection, config, device):
-    """The run's held-out loss: LMD's masked-token loss at ratio 0.75, or the objective's eps loss at its ratio."""
-    return HeldOutLoss(projection, config, device, config["eval_images"], relatives.held_out_mask_ratio(config))
+    """The run's held-out loss: its objective's loss at the record's held-out ratio (LMD: the masked-token loss at
+    0.75; the diffusion objectives: the eps loss at their own ratio)."""
+    return HeldOutLoss(projection, config, device, config["eval_images"],
+                       relatives.of(config).mask_ratio_held_out(config))
 
 
 class HeldOutLoss:
@@ -211,15 +230,11 @@ class HeldOutLoss:
 
     def words(self):
         """What the held-out loss is, in words."""
-        if self.config.get("objective", "lmd") == "lmd":
-            return f"held-out masked-token loss at ratio {self.mask_ratio}"
-        return f"held-out eps loss at mask ratio {self.mask_ratio}"
+        return f"held-out {relatives.of(self.config).loss_name} at mask ratio {self.mask_ratio}"
 
     def record(self, loss):
-        """{name: value} for summary.json and eval.json (LMD's name is kept for its readers)."""
-        if self.config.get("objective", "lmd") == "lmd":
-            return dict(held_out_loss_at_0_75=loss)
-        return dict(held_out_eps_loss=loss, held_out_mask_ratio=self.mask_ratio)
+        """{name: value} for summary.json and eval.json, under the objective's name for it."""
+        return {relatives.of(self.config).held_out_key: loss, "held_out_mask_ratio": self.mask_ratio}
 
 
 def check_finite(losses, done, non_finite_anywhere, last_saved, out):

@@ -20,11 +20,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+import relatives
 from relatives import diffusion
 from util import devices
 from util import vaes
 from util.optim import learning_rate
 
+FLOOR_NETWORK = "lmd"        # every objective's floor: the LMD network of the same size and seed at random init
 READINGS = ("cls", "mean")   # the class token (MAE's linear probe); the mean patch token (MAE's global_pool)
 
 
@@ -32,10 +34,7 @@ def lowest_trained_time(config):
     """The model time of the least noisy input a pretraining config's encoder was trained on -> None (LMD: no
     time), 0 (clean: UMD's clean half, when it has one) or 1 (noise level 0: ddpm and MaskDM, which are only ever
     told t + 1 >= 1)."""
-    objective = config.get("objective", "lmd")
-    if objective == "lmd":
-        return None
-    return 0 if objective == "umd" and config.get("clean_share", 0) > 0 else 1
+    return relatives.of(config).lowest_time(config)
 
 
 def image_noise(shape, indices, seed):
@@ -227,9 +226,9 @@ def probe_plan(config):
     """
     lowest = lowest_trained_time(config)
     if lowest is None:
-        return {"pretrained": ("pretrained", None, None), "random_init": ("scratch", "lmd", None)}
+        return {"pretrained": ("pretrained", None, None), "random_init": ("scratch", FLOOR_NETWORK, None)}
     return {"time0": ("pretrained", None, 0), "time1": ("pretrained", None, 1),
-            "random_init": ("scratch", "lmd", None), "own_init": ("scratch", None, lowest)}
+            "random_init": ("scratch", FLOOR_NETWORK, None), "own_init": ("scratch", None, lowest)}
 
 
 def result_fields(measured, config):

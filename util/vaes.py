@@ -1,7 +1,6 @@
-"""Opening the frozen VAE for the scripts: errors that say what to do, a fast offline check, provenance, fingerprint,
-and encoding a batch on the fly in bounded memory.
-
-lmd.load_projection knows how to build a projection; this module knows what to tell the user when it cannot.
+"""Opening the frozen VAE for the scripts: building lmd.LatentProjection from a --vae value (load_projection),
+errors that say what to do, a fast offline check, provenance, fingerprint, and encoding a batch on the fly in
+bounded memory.
 """
 
 import hashlib
@@ -19,9 +18,39 @@ from util.cli import UserError
 # diffusers passes this deprecated argument to huggingface_hub on every download; the warning is not the user's.
 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
-DEFAULT_VAE = lmd.DEFAULT_VAE
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 OFFLINE_WAY_OUT = ("run on real images with no download at all: --dataset digits --vae none (pixels) or --vae DIR "
                    "(a VAE made by tools/train_vae.py); or the smoke test --dataset synthetic --vae tiny")
+
+
+def tiny_vae():
+    """A small, randomly initialised AutoencoderKL in the SD layout (4 latent channels, downsampling 8), for offline
+    runs and tests only: its latents mean nothing. Seeded, so every run, cache and probe sees the same one."""
+    from diffusers import AutoencoderKL
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return AutoencoderKL(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_num_groups=8,
+                             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                             latent_channels=4, mid_block_add_attention=False)
+
+
+def vae_class(name_or_path):
+    """AutoencoderTiny for TAESD-style checkpoints (by config when local, by name otherwise), else AutoencoderKL."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+    if os.path.isfile(config_path := os.path.join(name_or_path, "config.json")):
+        with open(config_path) as file:
+            return AutoencoderTiny if json.load(file).get("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    return AutoencoderTiny if "taesd" in name_or_path.lower() else AutoencoderKL
+
+
+def load_projection(vae, device="cpu", dtype=torch.float32, local_files_only=False):
+    """`none` (pixels: the MAE baseline), `tiny` (untrained, for tests), a save_pretrained directory or a Hub id."""
+    if vae == "none":
+        return lmd.LatentProjection().to(device)
+    if vae == "tiny":
+        return lmd.LatentProjection(tiny_vae(), "tiny", trained=False).to(device, dtype)
+    model = vae_class(vae).from_pretrained(vae, local_files_only=local_files_only, low_cpu_mem_usage=False)
+    return lmd.LatentProjection(model, vae).to(device, dtype)
 
 
 def _hub_reachable(timeout=5.0):
@@ -41,7 +70,7 @@ def _first_line(error):
 
 
 def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
-    """lmd.load_projection for a `--vae` value, with one-line errors, the local Hub cache tried first, and the
+    """load_projection for a `--vae` value, with one-line errors, the local Hub cache tried first, and the
     provenance of a VAE trained by tools/train_vae.py attached as `projection.provenance`."""
     if vae == "tiny" and announce:
         print("note: --vae tiny is a randomly initialised, UNTRAINED VAE for smoke tests; "
@@ -57,10 +86,10 @@ def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
 
 def _load(vae, device, dtype):
     if vae in ("none", "tiny"):
-        return lmd.load_projection(vae, device, dtype)
+        return load_projection(vae, device, dtype)
     if os.path.isdir(vae):
         try:
-            return lmd.load_projection(vae, device, dtype)
+            return load_projection(vae, device, dtype)
         except Exception as error:
             raise UserError(f"could not load a VAE from directory {vae!r} ({_first_line(error)}); it should hold "
                             "config.json and the weights written by save_pretrained") from None
@@ -81,14 +110,14 @@ def vae_name(vae):
 
 def _from_hub(vae, device, dtype):
     try:  # the local Hub cache first: it needs no network
-        return lmd.load_projection(vae, device, dtype, local_files_only=True)
+        return load_projection(vae, device, dtype, local_files_only=True)
     except Exception:
         pass
     if not _hub_reachable():
         raise UserError(f"could not download the VAE {vae!r}: the Hugging Face Hub is unreachable (offline?). "
                         f"Pass a local directory with --vae DIR (made by save_pretrained), or {OFFLINE_WAY_OUT}")
     try:
-        return lmd.load_projection(vae, device, dtype)
+        return load_projection(vae, device, dtype)
     except Exception as error:
         raise UserError(f"could not load the VAE {vae!r} from the Hub ({_first_line(error)}); check the id or "
                         "pass a local directory") from None
