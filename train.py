@@ -182,7 +182,7 @@ def build_run(config, checkpoint, dist):
                                                                                projection.downsample)
     config["vae_provenance"] = checkpoint["config"].get("vae_provenance") if checkpoint else projection.provenance
     model = checkpoints.build_model(config, projection)
-    if config.get("init") and not checkpoint:   # a resumed run has its weights already (older runs: no key)
+    if config["init"] and not checkpoint:   # a resumed run has its weights already
         init = config["init_from"] = checkpoints.load_init(model, config["init"], config)
         if dist.is_main:
             print(f"--init: {init['tensors_loaded']} tensors from {config['init']} ({init['objective']}, step "

@@ -45,7 +45,7 @@ def build_parser():
                         help="epochs of finetune.py --mode linprobe per run (default: %(default)s)")
     parser.add_argument("--finetune-args", default="", help="extra finetune.py flags, one quoted string")
     parser.add_argument("--reuse", action="store_true", help="skip the pretraining of a run whose directory "
-                                                             "already holds a finished run (summary.json)")
+                        "already holds a finished run (summary.json), and a probe whose results.json is there")
     return parser
 
 
@@ -74,12 +74,13 @@ def pretrain(scheduler, seed, train_args, run_dir, reuse):
                 steps_per_second=last["images_per_second"] / config["batch_size"])
 
 
-def probe(run_dir, mode, epochs, finetune_args):
+def probe(run_dir, mode, epochs, finetune_args, reuse=False):
     """finetune.py --mode knn or linprobe on one run -> (final top-1, the random init's final top-1)."""
     out = os.path.join(run_dir, mode)
     extra = ["--epochs", str(epochs)] if mode == "linprobe" else []
-    run([os.path.join(HERE, "finetune.py"), "--checkpoint", run_dir, "--mode", mode, "--out", out, *extra,
-         *finetune_args])
+    if not (reuse and os.path.exists(os.path.join(out, "results.json"))):
+        run([os.path.join(HERE, "finetune.py"), "--checkpoint", run_dir, "--mode", mode, "--out", out, *extra,
+             *finetune_args])
     with open(os.path.join(out, "results.json")) as file:
         results = json.load(file)
     return results["top1"]["final"], results["scratch_top1"]["final"]
@@ -151,7 +152,7 @@ def main(argv=None):
                               args.reuse)
             for mode in probes:
                 result[mode], result[mode + "_scratch"] = probe(result["run"], mode, args.linprobe_epochs,
-                                                                shlex.split(args.finetune_args))
+                                                                shlex.split(args.finetune_args), args.reuse)
             results.append(result)
     os.makedirs(args.out, exist_ok=True)
     text = report(results, argv, time.time() - started)

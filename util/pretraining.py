@@ -47,7 +47,8 @@ def resumed_run(flags, given, overrides):
     """
     resume = flags["resume"]
     checkpoint = checkpoints.load_checkpoint(resume)
-    config = dict(checkpoint["config"], stop_after_step=flags["stop_after_step"])
+    # runs from before --objective and --init existed are LMD runs from scratch
+    config = {"objective": "lmd", "init": None, **checkpoint["config"], "stop_after_step": flags["stop_after_step"]}
     for flag in given - {"resume", "out"}:
         if flag in overrides:
             config[flag] = flags[flag]
