@@ -68,8 +68,8 @@ DEFAULTS = dict(dataset="digits", data_dir="./data", vae=None, image_size=None, 
                 sampling_steps=50, device="cpu", out="runs/family", docs=None)
 
 
-def build_parser():
-    parser = cli.ArgumentParser(description="MAE, LMD, MaskDM, UMD and diffusion side by side: probes and judge.")
+def add_run_flags(parser):
+    """The flags every row's runs share (the data, the latent space, the network): family.py's and curve.py's."""
     parser.add_argument("--vae", required=True, help="a VAE directory (tools/train_vae.py), or 'none' for pixels")
     parser.add_argument("--dataset", choices=datasets.DATASETS, help="(default: %(default)s)")
     parser.add_argument("--data-dir", help="dataset root, as for train.py (default: %(default)s)")
@@ -78,6 +78,11 @@ def build_parser():
     parser.add_argument("--patch-size", type=int, help="as train.py's (default: train.py's for the image size)")
     parser.add_argument("--model", help="model size of every row (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="batch size of every stage (default: %(default)s)")
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description="MAE, LMD, MaskDM, UMD and diffusion side by side: probes and judge.")
+    add_run_flags(parser)
     parser.add_argument("--steps", type=int, help="optimizer steps of every row, split in half by the two-stage "
                                                   "rows (default: %(default)s)")
     parser.add_argument("--seeds", type=int, help="seeds 0 .. N-1 per row (default: %(default)s)")

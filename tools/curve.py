@@ -1,0 +1,226 @@
+"""
+Sample quality against training seconds: does a two-stage row (MaskDM's masked pretraining, or LMD's encoder, then
+ordinary diffusion) reach ddpm's final quality in less time than ddpm from scratch?
+
+Each row (tools/family.py's generative rows) is trained by train.py with the same step budget (two-stage rows: half
+and half). Its last stage stops at --points evenly spaced steps (--stop-after-step, then --resume: the same run as
+an uninterrupted one), and at each the model is sampled by sample.py (DDIM, eta 0) and judged by util.judge. A
+point's seconds are train.py's clock of every training loop so far, every stage summed; sampling is not counted.
+
+    python tools/curve.py --dataset fashion-mnist --vae runs/vae-fashion --rows ddpm,lmd_ddpm --steps 3000 \\
+        --points 4 --seeds 2 --out runs/curve-fashion --docs docs
+    # MaskDM where its saving can show: 8 x 8 latent tokens (patch 1), 90% of 2 x 2 blocks masked in stage 1
+    python tools/curve.py --dataset fashion-mnist --vae runs/vae-fashion --patch-size 1 --rows ddpm,maskdm \\
+        --maskdm-mask-ratio 0.9 --steps 4000 --seeds 2 --out runs/curve-maskdm-8x8
+
+Writes OUT/<row>/seed<N>/ (the runs and each point's samples; finished points are kept when it runs again),
+OUT/results.json, DOCS/curve.md (the table, each row's time to reach ddpm's final fd_normalised as a share of
+ddpm's time, the seconds per step of every stage) and DOCS/curve.png.
+"""
+
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # runnable as `python tools/curve.py` from anywhere
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import torch  # noqa: E402
+
+import family  # noqa: E402
+import sample  # noqa: E402
+import train  # noqa: E402
+from util import cli, pictures  # noqa: E402
+
+GENERATIVE_ROWS = ("ddpm", "maskdm", "lmd_ddpm", "umd", "umd_ft")
+DEFAULTS = dict(family.DEFAULTS, rows="ddpm,maskdm,lmd_ddpm", steps=3000, points=4, seeds=2, maskdm_mask_ratio=None,
+                maskdm_block_size=None, out="runs/curve")
+
+
+def build_parser():
+    parser = cli.ArgumentParser(description="fd_normalised against training seconds, ddpm from scratch against the "
+                                            "two-stage rows.")
+    family.add_run_flags(parser)
+    parser.add_argument("--rows", help=f"comma-separated, of {', '.join(GENERATIVE_ROWS)} (default: %(default)s)")
+    parser.add_argument("--steps", type=int, help="optimizer steps of every row, split in half by the two-stage "
+                                                  "rows (default: %(default)s)")
+    parser.add_argument("--points", type=int, help="judged points per curve, evenly spaced over the last stage "
+                                                   "(default: %(default)s)")
+    parser.add_argument("--seeds", type=int, help="seeds first_seed .. first_seed + N-1 (default: %(default)s)")
+    parser.add_argument("--first-seed", type=int, help="the first seed (default: %(default)s)")
+    parser.add_argument("--maskdm-mask-ratio", type=float, help="MaskDM stage 1's --mask-ratio (default: train.py's)")
+    parser.add_argument("--maskdm-block-size", type=int, help="MaskDM stage 1's --block-size (default: train.py's)")
+    parser.add_argument("--num-images", type=int, help="samples judged per point (default: %(default)s)")
+    parser.add_argument("--sampling-steps", type=int, help="DDIM steps, eta 0 (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
+    parser.add_argument("--out", help="runs directory (default: %(default)s)")
+    parser.add_argument("--docs", help="where curve.md and curve.png go (default: OUT)")
+    parser.set_defaults(**DEFAULTS)
+    return parser
+
+
+def session_seconds(run, start_step):
+    """The seconds of the training loop since `start_step`: train.py's clock (its last metrics line measures images
+    per second since the session started)."""
+    last = pictures.read_metrics(os.path.join(run, "metrics.jsonl"))[-1]
+    with open(os.path.join(run, "config.json")) as file:
+        batch = json.load(file)["batch_size"]
+    return (last["step"] - start_step) * batch / last["images_per_second"]
+
+
+def judge_point(args, run, step, seed, directory):
+    """sample.py on the run as it is at `step` -> the judge's fields."""
+    out = os.path.join(directory, f"samples-step{step:06d}")
+    result = sample.main(["--checkpoint", run, "--out", out, "--num-images", str(args.num_images), "--sampling-steps",
+                          str(args.sampling_steps), "--eta", "0", "--seed", str(seed), "--device", args.device])
+    return {key: result[key] for key in ("fd_normalised", "fd", "floor", "ceiling", "classes_present")}
+
+
+def stages_of(args, row):
+    """The row's stages [(objective, extra flags, steps)], MaskDM's stage 1 with the --maskdm-* settings."""
+    stages = family.ROWS[row]
+    result = []
+    for index, (objective, extra) in enumerate(stages):
+        steps = args.steps // len(stages) if index < len(stages) - 1 else args.steps - (len(stages) - 1) * (
+            args.steps // len(stages))
+        if row == "maskdm" and index == 0:   # MaskDM's masked stage
+            extra = dict(extra, **{key: value for key, value in (("mask_ratio", args.maskdm_mask_ratio),
+                                                                 ("block_size", args.maskdm_block_size)) if value})
+        result.append((objective, extra, steps))
+    return result
+
+
+def run_curve(args, row, seed):
+    """Train one row at one seed, judging its last stage at --points steps -> its record (also record.json). An
+    unfinished curve (no record.json) starts again from nothing."""
+    directory = os.path.join(args.out, row, f"seed{seed}")
+    path = os.path.join(directory, "record.json")
+    if os.path.exists(path):
+        with open(path) as file:
+            return json.load(file)
+    shutil.rmtree(directory, ignore_errors=True)
+    record, seconds, previous = dict(row=row, seed=seed, points=[], seconds_per_step=[]), 0.0, None
+    stages = stages_of(args, row)
+    for index, (objective, extra, steps) in enumerate(stages):
+        run, last = os.path.join(directory, f"stage{index + 1}-{objective}"), index == len(stages) - 1
+        done, stage_seconds = 0, 0.0
+        for stop in [steps * (k + 1) // args.points for k in range(args.points)] if last else [steps]:
+            print(f"== {row} seed {seed}: stage {index + 1}/{len(stages)} {objective}, to step {stop} of {steps}",
+                  file=sys.stderr)
+            argv = ["--resume", run] if done else family.train_argv(args, objective, extra, steps, seed, run,
+                                                                   init=previous)
+            train.main(argv + ["--stop-after-step", str(stop)])
+            stage_seconds, done = stage_seconds + session_seconds(run, done), stop
+            if last:
+                record["points"].append(dict(step=stop, seconds=seconds + stage_seconds,
+                                             **judge_point(args, run, stop, seed, directory)))
+        record["seconds_per_step"].append(stage_seconds / steps)
+        seconds, previous = seconds + stage_seconds, run
+    with open(path, "w") as file:
+        json.dump(record, file, indent=2)
+    return record
+
+
+def time_to_reach(points, target):
+    """The training seconds at which a curve first reaches fd_normalised <= target, linear between its points ->
+    (seconds, bound): bound '<=' when its first point is already there, None when it never gets there."""
+    if points[0]["fd_normalised"] <= target:
+        return points[0]["seconds"], "<="
+    for before, after in zip(points, points[1:]):
+        if after["fd_normalised"] <= target:
+            share = (before["fd_normalised"] - target) / (before["fd_normalised"] - after["fd_normalised"])
+            return before["seconds"] + share * (after["seconds"] - before["seconds"]), ""
+    return None, None
+
+
+def ratios(records):
+    """{row: [(time to reach the same seed's ddpm final fd_normalised / ddpm's seconds, bound), ...]}."""
+    result = {}
+    for record in records:
+        ddpm = next((r for r in records if r["row"] == "ddpm" and r["seed"] == record["seed"]), None)
+        if ddpm is None or record["row"] == "ddpm":
+            continue
+        seconds, bound = time_to_reach(record["points"], ddpm["points"][-1]["fd_normalised"])
+        result.setdefault(record["row"], []).append(
+            (None, None) if seconds is None else (seconds / ddpm["points"][-1]["seconds"], bound))
+    return result
+
+
+def table(records):
+    """The markdown: per row and point, seconds and fd_normalised (mean ± std over seeds); seconds per step of each
+    stage; each row's time to ddpm's final quality as a share of ddpm's."""
+    lines = ["| row | point | step of the last stage | training seconds | fd_normalised | classes present |",
+             "|---" * 6 + "|"]
+    for row in GENERATIVE_ROWS:
+        mine = [r for r in records if r["row"] == row]
+        for index in range(len(mine[0]["points"]) if mine else 0):
+            column = lambda key: [r["points"][index][key] for r in mine]   # noqa: E731
+            lines.append(f"| {family.LABELS[row]} | {index + 1} | {mine[0]['points'][index]['step']} | "
+                         f"{family.spread(column('seconds'), 0)} | {family.spread(column('fd_normalised'), 3)} | "
+                         f"{min(column('classes_present'))}-{max(column('classes_present'))} |")
+    costs = [f"- {family.LABELS[row]}: " + ", then ".join(
+        f"stage {i + 1} {family.spread([r['seconds_per_step'][i] for r in records if r['row'] == row], 3)} s/step"
+        for i in range(len(next(r for r in records if r["row"] == row)["seconds_per_step"])))
+        for row in GENERATIVE_ROWS if any(r["row"] == row for r in records)]
+    reach = []
+    for row, values in ratios(records).items():
+        cells = ["never" if share is None else f"{bound}{share:.2f}" for share, bound in values]
+        measured = [share for share, _ in values if share is not None]
+        summary = f" (mean {statistics.mean(measured):.2f})" if len(measured) == len(values) > 1 else ""
+        reach.append(f"- {family.LABELS[row]}: {', '.join(cells)} of ddpm's time, per seed{summary}")
+    return ("\n".join(lines) + "\n\nSeconds per step:\n\n" + "\n".join(costs) + "\n\n"
+            + ("Time to reach the same seed's ddpm final fd_normalised, as a share of ddpm's training seconds "
+               "(linear between points; '<=': already there at the first point):\n\n" + "\n".join(reach) + "\n"
+               if reach else ""))
+
+
+def plot(records, path):
+    """fd_normalised against training seconds: a line per row and seed."""
+    from matplotlib.figure import Figure
+    figure = Figure(figsize=(6.5, 4.2), layout="constrained")
+    axes = figure.subplots()
+    for index, row in enumerate(GENERATIVE_ROWS):
+        for number, record in enumerate(r for r in records if r["row"] == row):
+            axes.plot([p["seconds"] for p in record["points"]], [p["fd_normalised"] for p in record["points"]],
+                      "o-", color=f"C{index}", alpha=0.8, label=family.LABELS[row] if number == 0 else None)
+    axes.set(xlabel="training seconds (every stage; sampling not counted)",
+             ylabel="fd_normalised (0 real, 1 blurred; lower is better)", title="sample quality against training time")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.docs = args.docs or args.out
+    rows = [row.strip() for row in args.rows.split(",") if row.strip()]
+    if not rows or any(row not in GENERATIVE_ROWS for row in rows):
+        raise cli.UserError(f"--rows takes some of {', '.join(GENERATIVE_ROWS)}, not {args.rows!r}")
+    if args.points < 1 or args.steps < 2 * args.points or args.seeds < 1 or args.num_images < 2:
+        raise cli.UserError("--points and --seeds must be at least 1, --steps at least twice --points, "
+                            "--num-images at least 2")
+    os.makedirs(args.out, exist_ok=True)
+    records = [run_curve(args, row, seed) for seed in range(args.first_seed, args.first_seed + args.seeds)
+               for row in rows]
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{args.device}")
+    with open(os.path.join(args.out, "results.json"), "w") as file:
+        json.dump(dict(records=records, argv=argv, machine=machine), file, indent=2)
+    os.makedirs(args.docs, exist_ok=True)
+    plot(records, os.path.join(args.docs, "curve.png"))
+    text = table(records)
+    with open(os.path.join(args.docs, "curve.md"), "w") as file:
+        file.write(f"# Sample quality against training seconds\n\nMade by `python tools/curve.py {' '.join(argv)}` "
+                   f"({machine}). {args.num_images} DDIM samples ({args.sampling_steps} steps, eta 0) per point, "
+                   f"judged by util.judge.\n\n{text}\n![fd_normalised against training seconds](curve.png)\n")
+    print(text, file=sys.stderr)
+    return records
+
+
+if __name__ == "__main__":
+    cli.run_cli(main)
