@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import family  # noqa: E402
 import sample  # noqa: E402
 import train  # noqa: E402
-from util import cli, pictures  # noqa: E402
+from util import cli  # noqa: E402
 
 GENERATIVE_ROWS = ("ddpm", "maskdm", "lmd_ddpm", "umd", "umd_ft")
 DEFAULTS = dict(family.DEFAULTS, rows="ddpm,maskdm,lmd_ddpm", steps=3000, points=4, seeds=2, maskdm_mask_ratio=None,
@@ -56,20 +56,9 @@ def build_parser():
     parser.add_argument("--maskdm-block-size", type=int, help="MaskDM stage 1's --block-size (default: train.py's)")
     parser.add_argument("--num-images", type=int, help="samples judged per point (default: %(default)s)")
     parser.add_argument("--sampling-steps", type=int, help="DDIM steps, eta 0 (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
-    parser.add_argument("--out", help="runs directory (default: %(default)s)")
     parser.add_argument("--docs", help="where curve.md and curve.png go (default: OUT)")
     parser.set_defaults(**DEFAULTS)
     return parser
-
-
-def session_seconds(run, start_step):
-    """The seconds of the training loop since `start_step`: train.py's clock (its last metrics line measures images
-    per second since the session started)."""
-    last = pictures.read_metrics(os.path.join(run, "metrics.jsonl"))[-1]
-    with open(os.path.join(run, "config.json")) as file:
-        batch = json.load(file)["batch_size"]
-    return (last["step"] - start_step) * batch / last["images_per_second"]
 
 
 def judge_point(args, run, step, seed, directory):
@@ -114,7 +103,7 @@ def run_curve(args, row, seed):
             argv = ["--resume", run] if done else family.train_argv(args, objective, extra, steps, seed, run,
                                                                    init=previous)
             train.main(argv + ["--stop-after-step", str(stop)])
-            stage_seconds, done = stage_seconds + session_seconds(run, done), stop
+            stage_seconds, done = stage_seconds + family.training_seconds(run, done), stop
             if last:
                 record["points"].append(dict(step=stop, seconds=seconds + stage_seconds,
                                              **judge_point(args, run, stop, seed, directory)))

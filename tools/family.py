@@ -78,6 +78,8 @@ def add_run_flags(parser):
     parser.add_argument("--patch-size", type=int, help="as train.py's (default: train.py's for the image size)")
     parser.add_argument("--model", help="model size of every row (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="batch size of every stage (default: %(default)s)")
+    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
+    parser.add_argument("--out", help="runs directory (default: %(default)s)")
 
 
 def build_parser():
@@ -97,8 +99,6 @@ def build_parser():
     parser.add_argument("--linprobe-epochs", type=int, help="epochs of each linear probe (default: %(default)s)")
     parser.add_argument("--num-images", type=int, help="samples judged per generative run (default: %(default)s)")
     parser.add_argument("--sampling-steps", type=int, help="DDIM steps, eta 0, for every row (default: %(default)s)")
-    parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
-    parser.add_argument("--out", help="runs directory (default: %(default)s)")
     parser.add_argument("--docs", help="where family.md and its figures go (default: OUT)")
     parser.set_defaults(**DEFAULTS)
     return parser
@@ -120,13 +120,14 @@ def train_argv(args, objective, extra, steps, seed, out, init=None):
     return argv
 
 
-def training_seconds(run):
-    """The training loop's seconds, from train.py's last metrics line (images per second since the run started)."""
+def training_seconds(run, start_step=0):
+    """The training loop's seconds since `start_step`, from train.py's last metrics line (images per second since
+    the session started: a resumed session counts from the step it resumed at)."""
     with open(os.path.join(run, "metrics.jsonl")) as file:
         last = [json.loads(line) for line in file if line.strip()][-1]
     with open(os.path.join(run, "config.json")) as file:
         batch = json.load(file)["batch_size"]
-    return last["step"] * batch / last["images_per_second"]
+    return (last["step"] - start_step) * batch / last["images_per_second"]
 
 
 # finetune.py's results.json fields -> a record's, after the probe's name: knn_top1, knn_random_init, ...
