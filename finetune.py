@@ -24,20 +24,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lmd
-from util import checkpoints
-from util import cli
-from util import datasets
-from util import devices
-from util import latent_cache
-from util import optim
-from util import probes
-from util import sampling
-from util import vaes
+from util import checkpoints, cli, datasets, devices, latent_cache, optim, probes, sampling, vaes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
 DEFAULTS = dict(
-    checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, dataset=None,
+    checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, skip_floors=(), dataset=None,
     allow_other_dataset=False, data_dir=None, synthetic_size=None, vae=None, model=None, image_size=None,
     patch_size=None, epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None,
     layer_decay=0.65, label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None,
@@ -55,7 +47,8 @@ RECIPES = dict(
 CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
 GEOMETRY = ("vae", "model", "image_size", "patch_size")
 TRAINING_FLAGS = ("epochs", "base_lr", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
-PROBE_FLAGS = ("features", "raw_pixels")
+PROBE_FLAGS = ("features", "raw_pixels", "skip_floors")
+FLOORS = ("random_init", "own_init", "raw_pixels")
 
 
 def build_parser():
@@ -77,6 +70,8 @@ def build_parser():
     add("--raw-pixels", action=argparse.BooleanOptionalAction,
         help="knn and linprobe: also probe the flattened pixels of the same images, N x 3 x S x S floats in memory "
              "(default: on)")
+    add("--skip-floors", nargs="+", choices=FLOORS, help="knn and linprobe: floors not to measure, because they are "
+        "known: each depends only on the network, its seed and the data (tools/family.py measures each once a seed)")
     add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
@@ -185,12 +180,14 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist):
                   f"(val {count} images, standard error {probes.standard_error(final, count):.4f})", file=sys.stderr)
 
     for name, (init, objective, time) in probes.probe_plan(checkpoint["config"]).items():
+        if name in config["skip_floors"]:
+            continue
         classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True,
                                       objective).to(dist.device)
         pretrained = pretrained or (classifier if init == "pretrained" else None)   # its inference speed is measured
         measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"])
                         for data, views in ((train_data, flips), (val_data, (0,)))))
-    if config["raw_pixels"]:
+    if config["raw_pixels"] and "raw_pixels" not in config["skip_floors"]:
         measure("raw_pixels", probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,)))
     return probes.result_fields(measured, checkpoint["config"]), pretrained
 

@@ -4,8 +4,10 @@ pixels), MaskDM at both model times and its own init apart, the generative one j
 
 import json
 
+import pytest
+
 import family
-from util import pictures
+from util import cli, pictures
 
 
 def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
@@ -47,3 +49,48 @@ def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
     assert mean["features"] == "mean" and mean["training_seconds"] == rows["mae"]["training_seconds"]
     assert (out / "mae" / "seed0" / "stage1-lmd" / "knn-mean" / "results.json").exists()
     assert "`--features mean`" in (docs / "family.md").read_text()
+    # every floor was measured once: the second row's probes read them from the seed's floors file
+    floors = json.loads((out / "floors-seed0.json").read_text())
+    assert floors["knn cls random_init"] == rows["maskdm"]["knn_random_init"]
+    maskdm_knn = json.loads((out / "maskdm" / "seed0" / "stage2-ddpm" / "knn" / "results.json").read_text())
+    assert "random_init_top1" not in maskdm_knn and "raw_pixels_top1" not in maskdm_knn
+    assert "own_init_top1" in maskdm_knn                                      # the first ddpm network of the seed
+    # a finished stage is kept (not trained again) only if its settings match
+    args, stage1 = family.build_parser().parse_args(argv), str(out / "maskdm" / "seed0" / "stage1-maskdm")
+    assert family.finished(stage1, family.train_argv(args, "maskdm", {}, 1, 0, stage1))
+    assert not family.finished(str(tmp_path / "nothing"), family.train_argv(args, "maskdm", {}, 1, 0, stage1))
+    with pytest.raises(cli.UserError, match=r"finished run with other settings \(steps\)"):
+        family.finished(stage1, family.train_argv(args, "maskdm", {}, 5, 0, stage1))
+    # a seconds budget (steps from the kept step costs) is another budget: the same directory is refused
+    (out / "step_costs.json").write_text(json.dumps({family.stage_key(*stage): 0.01 for row in ("mae", "maskdm")
+                                                     for stage in family.ROWS[row]}))
+    with pytest.raises(cli.UserError, match="another budget"):
+        family.main(argv + ["--seconds", "10"])
+
+
+def test_seconds_budget_steps_from_step_costs(tmp_path, data_dir):
+    """--seconds: each stage's steps are its share of the seconds over its own seconds per step, timed once and
+    kept (OUT/step_costs.json)."""
+    args = family.build_parser().parse_args(["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "32",
+                                             "--vae", "none", "--patch-size", "8", "--data-dir", data_dir,
+                                             "--batch-size", "8", "--out", str(tmp_path), "--seconds", "3"])
+    costs = family.seconds_per_step(args, ["mae", "maskdm"], rounds=1, points=2)
+    assert set(costs) == {family.stage_key(*stage) for row in ("mae", "maskdm") for stage in family.ROWS[row]}
+    assert all(0 < seconds < 1 for seconds in costs.values())
+    assert json.loads((tmp_path / "step_costs.json").read_text()) == costs     # kept: later calls time nothing
+    assert family.seconds_per_step(args, ["maskdm"]) == costs
+    fake = {key: 0.01 * (index + 1) for index, key in enumerate(costs)}
+    maskdm = [family.stage_key(*stage) for stage in family.ROWS["maskdm"]]
+    assert family.stage_steps(args, "maskdm", fake) == [round(1.5 / fake[maskdm[0]]), round(1.5 / fake[maskdm[1]])]
+    args.seconds = None
+    assert family.stage_steps(args, "maskdm") == [750, 750] and family.stage_steps(args, "mae") == [1500]
+
+
+def test_pareto_front_known_values():
+    """The front of the generative rows on their means: one row beaten on both columns is off it."""
+    record = lambda row, seed, knn, fd=None: dict(row=row, seed=seed, knn_top1=knn,   # noqa: E731
+                                                  **({} if fd is None else dict(fd_normalised=fd)))
+    records = [record("mae", 0, 0.9), record("ddpm", 0, 0.7, 0.2), record("ddpm", 1, 0.7, 0.4),
+               record("umd", 0, 0.8, 0.5), record("maskdm", 0, 0.6, 0.35), record("lmd_ddpm", 0, 0.8, 0.6)]
+    assert family.pareto_front(records) == ["umd", "ddpm"]     # maskdm (0.35, 0.6) and lmd_ddpm (0.6, 0.8) are beaten
+    assert family.row_means(records)["ddpm"] == pytest.approx((0.3, 0.1414, 0.7, 0.0), abs=1e-4)

@@ -73,9 +73,7 @@ def stages_of(args, row):
     """The row's stages [(objective, extra flags, steps)], MaskDM's stage 1 with the --maskdm-* settings."""
     stages = family.ROWS[row]
     result = []
-    for index, (objective, extra) in enumerate(stages):
-        steps = args.steps // len(stages) if index < len(stages) - 1 else args.steps - (len(stages) - 1) * (
-            args.steps // len(stages))
+    for index, ((objective, extra), steps) in enumerate(zip(stages, family.stage_steps(args, row))):
         if row == "maskdm" and index == 0:   # MaskDM's masked stage
             extra = dict(extra, **{key: value for key, value in (("mask_ratio", args.maskdm_mask_ratio),
                                                                  ("block_size", args.maskdm_block_size)) if value})

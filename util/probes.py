@@ -241,7 +241,8 @@ def result_fields(measured, config):
     for name, (summary, history) in measured.items():
         if name != "pretrained":
             fields.update({f"{name}_top1": summary, f"{name}_history": history})
-    fields["scratch_top1"] = fields["random_init_top1"]
+    if "random_init_top1" in fields:
+        fields["scratch_top1"] = fields["random_init_top1"]
     return fields
 
 
