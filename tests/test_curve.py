@@ -32,6 +32,11 @@ def test_curve_end_to_end(tmp_path, data_dir, monkeypatch):
     text = (docs / "curve.md").read_text()
     assert "python tools/curve.py --dataset synthetic" in text and "| MaskDM (stage 1, then stage 2) | 2 | 2 |" in text
     assert (docs / "curve.png").stat().st_size > 5000
+    # the timed clock: each point's steps times its stages' step costs, timed side by side and kept
+    costs = json.loads((out / "step_costs.json").read_text())
+    assert set(costs) == {"maskdm mask_ratio=0.5", "ddpm"}
+    assert maskdm["points"][1]["timed_seconds"] == pytest.approx(2 * costs["maskdm mask_ratio=0.5"] + 2 * costs["ddpm"])
+    assert "Timed side by side in one process" in text
     assert curve.main(argv) == records                                 # finished curves are read, not retrained
 
 
@@ -47,5 +52,9 @@ def test_time_to_reach_interpolates_between_points():
     for record in records:
         record["seconds_per_step"] = [0.1]
         for point in record["points"]:
-            point.update(step=1, classes_present=10)
-    assert "- MaskDM (stage 1, then stage 2): 0.62 of ddpm's time, per seed" in curve.table(records)
+            point.update(step=1, classes_present=10, timed_seconds=point["seconds"] / 2)
+    records[0]["points"][0]["timed_seconds"] = 10.0   # ddpm by the timed clock: 25 / 2 over 10
+    assert curve.ratios(records, "timed_seconds") == {"maskdm": [(pytest.approx(12.5 / 10), "")]}
+    text = curve.table(records, {"ddpm": 0.1})
+    assert "- MaskDM (stage 1, then stage 2), by train.py's clock: 0.62 of ddpm's time, per seed" in text
+    assert "- MaskDM (stage 1, then stage 2), by timed step costs: 1.25 of ddpm's time, per seed" in text

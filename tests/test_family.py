@@ -74,11 +74,11 @@ def test_seconds_budget_steps_from_step_costs(tmp_path, data_dir):
     args = family.build_parser().parse_args(["--dataset", "synthetic", "--synthetic-size", "64", "--image-size", "32",
                                              "--vae", "none", "--patch-size", "8", "--data-dir", data_dir,
                                              "--batch-size", "8", "--out", str(tmp_path), "--seconds", "3"])
-    costs = family.seconds_per_step(args, ["mae", "maskdm"], rounds=1, points=2)
+    costs = family.seconds_per_step(args, family.ROWS["mae"] + family.ROWS["maskdm"], rounds=1, points=2)
     assert set(costs) == {family.stage_key(*stage) for row in ("mae", "maskdm") for stage in family.ROWS[row]}
     assert all(0 < seconds < 1 for seconds in costs.values())
     assert json.loads((tmp_path / "step_costs.json").read_text()) == costs     # kept: later calls time nothing
-    assert family.seconds_per_step(args, ["maskdm"]) == costs
+    assert family.seconds_per_step(args, family.ROWS["maskdm"]) == costs
     fake = {key: 0.01 * (index + 1) for index, key in enumerate(costs)}
     maskdm = [family.stage_key(*stage) for stage in family.ROWS["maskdm"]]
     assert family.stage_steps(args, "maskdm", fake) == [round(1.5 / fake[maskdm[0]]), round(1.5 / fake[maskdm[1]])]

@@ -5,7 +5,9 @@ ordinary diffusion) reach ddpm's final quality in less time than ddpm from scrat
 Each row (tools/family.py's generative rows) is trained by train.py with the same step budget (two-stage rows: half
 and half). Its last stage stops at --points evenly spaced steps (--stop-after-step, then --resume: the same run as
 an uninterrupted one), and at each the model is sampled by sample.py (DDIM, eta 0) and judged by util.judge. A
-point's seconds are train.py's clock of every training loop so far, every stage summed; sampling is not counted.
+point has two clocks, every stage summed, sampling not counted: train.py's clock of its training loops, and its
+steps times each stage's seconds per step timed side by side in one process (family.seconds_per_step, kept in
+OUT/step_costs.json), which the neighbours on a shared machine do not move. The plot uses the second.
 
     python tools/curve.py --dataset fashion-mnist --vae runs/vae-fashion --rows ddpm,lmd_ddpm --steps 3000 \\
         --points 4 --seeds 2 --out runs/curve-fashion --docs docs
@@ -124,43 +126,60 @@ def time_to_reach(points, target):
     return None, None
 
 
-def ratios(records):
-    """{row: [(time to reach the same seed's ddpm final fd_normalised / ddpm's seconds, bound), ...]}."""
+def ratios(records, clock="seconds"):
+    """{row: [(time to reach the same seed's ddpm final fd_normalised / ddpm's time, bound), ...]}, each time read
+    from the points' `clock`: 'seconds' (train.py's clock) or 'timed_seconds' (steps times timed step costs)."""
     result = {}
     for record in records:
         ddpm = next((r for r in records if r["row"] == "ddpm" and r["seed"] == record["seed"]), None)
         if ddpm is None or record["row"] == "ddpm":
             continue
-        seconds, bound = time_to_reach(record["points"], ddpm["points"][-1]["fd_normalised"])
+        points = [dict(point, seconds=point[clock]) for point in record["points"]]
+        seconds, bound = time_to_reach(points, ddpm["points"][-1]["fd_normalised"])
         result.setdefault(record["row"], []).append(
-            (None, None) if seconds is None else (seconds / ddpm["points"][-1]["seconds"], bound))
+            (None, None) if seconds is None else (seconds / ddpm["points"][-1][clock], bound))
     return result
 
 
-def table(records):
+def add_timed_seconds(record, stages, costs):
+    """Each point's `timed_seconds`: the steps of every stage so far times that stage's seconds per step, timed side
+    by side (family.seconds_per_step): a clock that a busy machine's neighbours do not move."""
+    before = 0.0
+    for objective, extra, steps in stages[:-1]:
+        before += steps * costs[family.stage_key(objective, extra)]
+    last = costs[family.stage_key(*stages[-1][:2])]
+    for point in record["points"]:
+        point["timed_seconds"] = before + point["step"] * last
+
+
+def table(records, costs):
     """The markdown: per row and point, seconds and fd_normalised (mean ± std over seeds); seconds per step of each
     stage; each row's time to ddpm's final quality as a share of ddpm's."""
-    lines = ["| row | point | step of the last stage | training seconds | fd_normalised | classes present |",
-             "|---" * 6 + "|"]
+    lines = ["| row | point | step of the last stage | training seconds (clock) | (timed step costs) | fd_normalised | "
+             "classes present |", "|---" * 7 + "|"]
     for row in GENERATIVE_ROWS:
         mine = [r for r in records if r["row"] == row]
         for index in range(len(mine[0]["points"]) if mine else 0):
             column = lambda key: [r["points"][index][key] for r in mine]   # noqa: E731
             lines.append(f"| {family.LABELS[row]} | {index + 1} | {mine[0]['points'][index]['step']} | "
-                         f"{family.spread(column('seconds'), 0)} | {family.spread(column('fd_normalised'), 3)} | "
+                         f"{family.spread(column('seconds'), 0)} | {family.spread(column('timed_seconds'), 0)} | "
+                         f"{family.spread(column('fd_normalised'), 3)} | "
                          f"{min(column('classes_present'))}-{max(column('classes_present'))} |")
-    costs = [f"- {family.LABELS[row]}: " + ", then ".join(
+    costs_lines = [f"- {family.LABELS[row]}: " + ", then ".join(
         f"stage {i + 1} {family.spread([r['seconds_per_step'][i] for r in records if r['row'] == row], 3)} s/step"
         for i in range(len(next(r for r in records if r["row"] == row)["seconds_per_step"])))
         for row in GENERATIVE_ROWS if any(r["row"] == row for r in records)]
     reach = []
-    for row, values in ratios(records).items():
-        cells = ["never" if share is None else f"{bound}{share:.2f}" for share, bound in values]
-        measured = [share for share, _ in values if share is not None]
-        summary = f" (mean {statistics.mean(measured):.2f})" if len(measured) == len(values) > 1 else ""
-        reach.append(f"- {family.LABELS[row]}: {', '.join(cells)} of ddpm's time, per seed{summary}")
-    return ("\n".join(lines) + "\n\nSeconds per step:\n\n" + "\n".join(costs) + "\n\n"
-            + ("Time to reach the same seed's ddpm final fd_normalised, as a share of ddpm's training seconds "
+    for clock, words in (("timed_seconds", "by timed step costs"), ("seconds", "by train.py's clock")):
+        for row, values in ratios(records, clock).items():
+            cells = ["never" if share is None else f"{bound}{share:.2f}" for share, bound in values]
+            measured = [share for share, _ in values if share is not None]
+            summary = f" (mean {statistics.mean(measured):.2f})" if len(measured) == len(values) > 1 else ""
+            reach.append(f"- {family.LABELS[row]}, {words}: {', '.join(cells)} of ddpm's time, per seed{summary}")
+    timed = ", ".join(f"{key} {seconds * 1000:.0f} ms" for key, seconds in costs.items())
+    return ("\n".join(lines) + "\n\nSeconds per step, by train.py's clock:\n\n" + "\n".join(costs_lines) +
+            f"\n\nTimed side by side in one process (family.seconds_per_step): {timed}.\n\n"
+            + ("Time to reach the same seed's ddpm final fd_normalised, as a share of ddpm's training time "
                "(linear between points; '<=': already there at the first point):\n\n" + "\n".join(reach) + "\n"
                if reach else ""))
 
@@ -172,9 +191,9 @@ def plot(records, path):
     axes = figure.subplots()
     for index, row in enumerate(GENERATIVE_ROWS):
         for number, record in enumerate(r for r in records if r["row"] == row):
-            axes.plot([p["seconds"] for p in record["points"]], [p["fd_normalised"] for p in record["points"]],
+            axes.plot([p["timed_seconds"] for p in record["points"]], [p["fd_normalised"] for p in record["points"]],
                       "o-", color=f"C{index}", alpha=0.8, label=family.LABELS[row] if number == 0 else None)
-    axes.set(xlabel="training seconds (every stage; sampling not counted)",
+    axes.set(xlabel="training seconds: steps x timed step costs (every stage; sampling not counted)",
              ylabel="fd_normalised (0 real, 1 blurred; lower is better)", title="sample quality against training time")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
@@ -194,13 +213,16 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     records = [run_curve(args, row, seed) for seed in range(args.first_seed, args.first_seed + args.seeds)
                for row in rows]
+    costs = family.seconds_per_step(args, [stage[:2] for row in rows for stage in stages_of(args, row)])
+    for record in records:
+        add_timed_seconds(record, stages_of(args, record["row"]), costs)
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{args.device}")
     with open(os.path.join(args.out, "results.json"), "w") as file:
         json.dump(dict(records=records, argv=argv, machine=machine), file, indent=2)
     os.makedirs(args.docs, exist_ok=True)
     plot(records, os.path.join(args.docs, "curve.png"))
-    text = table(records)
+    text = table(records, costs)
     with open(os.path.join(args.docs, "curve.md"), "w") as file:
         file.write(f"# Sample quality against training seconds\n\nMade by `python tools/curve.py {' '.join(argv)}` "
                    f"({machine}). {args.num_images} DDIM samples ({args.sampling_steps} steps, eta 0) per point, "

@@ -150,14 +150,14 @@ def stage_key(objective, extra):
     return " ".join([objective, *(f"{key}={value}" for key, value in sorted(extra.items()))])
 
 
-def seconds_per_step(args, rows, rounds=5, points=4):
-    """Seconds per optimizer step of every distinct stage of `rows`, timed side by side in this process: interleaved
+def seconds_per_step(args, stages, rounds=5, points=4):
+    """Seconds per optimizer step of every distinct stage [(objective, extra flags)], timed side by side in this process: interleaved
     rounds (the first a warm-up) of one step at each of `points` training progresses on random latents of the
     run's shape, the median per progress, averaged (an LMD step's cost follows its mask ratio) -> {stage key:
     seconds}. Kept in OUT/step_costs.json: every seed, in any later call, gets the same steps."""
     path = os.path.join(args.out, "step_costs.json")
     costs = json.load(open(path)) if os.path.exists(path) else {}
-    missing = {stage_key(*stage): stage for row in rows for stage in ROWS[row] if stage_key(*stage) not in costs}
+    missing = {stage_key(*stage): stage for stage in stages if stage_key(*stage) not in costs}
     built, times = {}, {key: [[] for _ in range(points)] for key in missing}
     for key, (objective, extra) in missing.items():
         config, _ = train.load_config(train_argv(args, objective, extra, 1000, 0, os.path.join(args.out, "timing")))
@@ -476,7 +476,7 @@ def main(argv=None):
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     assembled = all(os.path.exists(os.path.join(args.out, row, f"seed{seed}", "record.json")) for seed in seeds
                     for row in rows)
-    costs = seconds_per_step(args, rows) if args.seconds else None
+    costs = seconds_per_step(args, [stage for row in rows for stage in ROWS[row]]) if args.seconds else None
     records = [run_row(args, row, seed, costs) for seed in seeds for row in rows]
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                f"{args.device}; " + ("every run was trained by earlier calls: this one assembled their records" if
