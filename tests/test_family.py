@@ -43,8 +43,11 @@ def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
     assert "Raw pixels (no encoder" in table and "| kNN, model time 0 (clean) |" in table
     assert (docs / "family.png").stat().st_size > 5000 and (docs / "family_maskdm.png").exists()
     assert not (docs / "family_mae.png").exists()
-    # a second call finds every record and trains nothing; with the other reading it probes again, and only that
+    # a second call finds every record and trains nothing, and keeps the notes below the NOTES line
+    (docs / "family.md").write_text(table + f"\n{family.NOTES}\n## A person's reading\n")
     assert family.main(argv) == records
+    assert (docs / "family.md").read_text().endswith(f"{family.NOTES}\n## A person's reading\n")
+    # with the other reading it probes again, and only that
     (mean,) = family.main(argv + ["--rows", "mae", "--features", "mean"])   # the last --rows counts
     assert mean["features"] == "mean" and mean["training_seconds"] == rows["mae"]["training_seconds"]
     assert (out / "mae" / "seed0" / "stage1-lmd" / "knn-mean" / "results.json").exists()

@@ -317,6 +317,7 @@ def spread(values, digits=3):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+NOTES = "<!-- family.py writes what is above this line again; what follows is kept -->"
 READ_AT = {None: "no time (LMD)", 0: "model time 0, clean", 1: "model time 1, noise level 0"}
 
 
@@ -455,8 +456,10 @@ def write_docs(args, argv, records, machine):
         f"On the Pareto front of the generative rows (means): {front}.\n",
         *grids,
     ]
-    with open(os.path.join(args.docs, "family.md"), "w") as file:
-        file.write("\n".join(text))
+    path = os.path.join(args.docs, "family.md")
+    notes = open(path).read().partition(NOTES)[2] if os.path.exists(path) else ""
+    with open(path, "w") as file:   # what follows the NOTES line, written by a person, is kept
+        file.write("\n".join(text) + (f"\n{NOTES}{notes}" if notes else ""))
 
 
 def main(argv=None):
