@@ -305,7 +305,8 @@ def sample_row(args, record, seed, directory):
                   ceiling=result["ceiling"], classes_present=result["classes_present"],
                   max_class_fraction=result["max_class_fraction"], num_images=result["num_images"],
                   num_classes=len(result["class_histogram"]["classes"]),
-                  judge_val_accuracy=result["judge_val_accuracy"], grid=os.path.join(samples, "samples.png"))
+                  judge_val_accuracy=result["judge_val_accuracy"], grid=os.path.join(samples, "samples.png"),
+                  **{key: result[key] for key in ("vae_roundtrip_fd_normalised",) if key in result})
 
 
 def spread(values, digits=3):
@@ -432,11 +433,13 @@ def write_docs(args, argv, records, machine):
             grids.append(f"**{LABELS[row]}** (seed {first['seed']}):\n\n![{LABELS[row]} samples]({name})\n")
     plot(records, os.path.join(args.docs, "family.png"))
     generative = next((r for r in records if "fd_normalised" in r), None)
+    roundtrip = [r["vae_roundtrip_fd_normalised"] for r in records if "vae_roundtrip_fd_normalised" in r]
     judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
                   f"judged by util.judge (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
                   f"validation split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor "
-                  f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}. Classes present: those given at "
-                  "least 1% of the samples."
+                  f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
+                  + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
+                     f"{roundtrip[0]:.3f}" if roundtrip else "") + ". Classes present: those given at least 1% of the samples."
                   if generative else "")
     front = ", ".join(LABELS[row] for row in pareto_front(records)) or "none"
     text = [
