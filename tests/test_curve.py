@@ -55,6 +55,11 @@ def test_time_to_reach_interpolates_between_points():
             point.update(step=1, classes_present=10, timed_seconds=point["seconds"] / 2)
     records[0]["points"][0]["timed_seconds"] = 10.0   # ddpm by the timed clock: 25 / 2 over 10
     assert curve.ratios(records, "timed_seconds") == {"maskdm": [(pytest.approx(12.5 / 10), "")]}
+    assert curve.fd_at(points, 25.0) == pytest.approx(0.3) and curve.fd_at(points, 5.0) is None
+    assert curve.equal_seconds(records) == {"maskdm": [(0.2, None)]}        # ddpm's one point is at 10 timed seconds
+    records[0]["points"].append(dict(seconds=50.0, timed_seconds=20.0, fd_normalised=0.1, step=2, classes_present=9))
+    assert curve.equal_seconds(records) == {"maskdm": [(0.2, pytest.approx(0.2))]}   # at 15: halfway, 0.3 to 0.1
+    records[0]["points"].pop()
     text = curve.table(records, {"ddpm": 0.1})
     assert "- MaskDM (stage 1, then stage 2), by train.py's clock: 0.62 of ddpm's time, per seed" in text
     assert "- MaskDM (stage 1, then stage 2), by timed step costs: 1.25 of ddpm's time, per seed" in text

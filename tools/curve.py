@@ -126,6 +126,27 @@ def time_to_reach(points, target):
     return None, None
 
 
+def fd_at(points, seconds):
+    """A curve's fd_normalised at `seconds` (its points' 'seconds'), linear between points; None outside them."""
+    for before, after in zip(points, points[1:]):
+        if before["seconds"] <= seconds <= after["seconds"]:
+            share = (seconds - before["seconds"]) / (after["seconds"] - before["seconds"])
+            return before["fd_normalised"] + share * (after["fd_normalised"] - before["fd_normalised"])
+    return None
+
+
+def equal_seconds(records, clock="timed_seconds"):
+    """{row: [(its final fd_normalised, the same seed's ddpm at the row's final time by `clock`, or None), ...]}."""
+    result = {}
+    for record in records:
+        ddpm = next((r for r in records if r["row"] == "ddpm" and r["seed"] == record["seed"]), None)
+        if ddpm is not None and record["row"] != "ddpm":
+            points = [dict(point, seconds=point[clock]) for point in ddpm["points"]]
+            result.setdefault(record["row"], []).append(
+                (record["points"][-1]["fd_normalised"], fd_at(points, record["points"][-1][clock])))
+    return result
+
+
 def ratios(records, clock="seconds"):
     """{row: [(time to reach the same seed's ddpm final fd_normalised / ddpm's time, bound), ...]}, each time read
     from the points' `clock`: 'seconds' (train.py's clock) or 'timed_seconds' (steps times timed step costs)."""
@@ -176,6 +197,11 @@ def table(records, costs):
             measured = [share for share, _ in values if share is not None]
             summary = f" (mean {statistics.mean(measured):.2f})" if len(measured) == len(values) > 1 else ""
             reach.append(f"- {family.LABELS[row]}, {words}: {', '.join(cells)} of ddpm's time, per seed{summary}")
+    for row, pairs in equal_seconds(records).items():
+        cells = [f"{own:.3f} against {'(before its first point)' if ddpm is None else f'{ddpm:.3f}'}" for own, ddpm
+                 in pairs]
+        reach.append(f"- {family.LABELS[row]} at its end, and ddpm at the same time (timed step costs, linear "
+                     f"between its points): {', '.join(cells)}, per seed")
     timed = ", ".join(f"{key} {seconds * 1000:.0f} ms" for key, seconds in costs.items())
     return ("\n".join(lines) + "\n\nSeconds per step, by train.py's clock:\n\n" + "\n".join(costs_lines) +
             f"\n\nTimed side by side in one process (family.seconds_per_step): {timed}.\n\n"
