@@ -145,6 +145,14 @@ PROBE_FIELDS = dict(top1="top1", random_init="random_init_top1", own_init="own_i
                     raw_pixels="raw_pixels_top1", time0="time0_top1", time1="time1_top1")
 
 
+def read_json(path):
+    """A JSON file's object, or {} if there is none yet (the file closed either way)."""
+    if not os.path.exists(path):
+        return {}
+    with open(path) as file:
+        return json.load(file)
+
+
 def stage_key(objective, extra):
     """A stage's name in OUT/step_costs.json: its objective and extra flags."""
     return " ".join([objective, *(f"{key}={value}" for key, value in sorted(extra.items()))])
@@ -156,7 +164,7 @@ def seconds_per_step(args, stages, rounds=5, points=4):
     run's shape, the median per progress, averaged (an LMD step's cost follows its mask ratio) -> {stage key:
     seconds}. Kept in OUT/step_costs.json: every seed, in any later call, gets the same steps."""
     path = os.path.join(args.out, "step_costs.json")
-    costs = json.load(open(path)) if os.path.exists(path) else {}
+    costs = read_json(path)
     missing = {stage_key(*stage): stage for stage in stages if stage_key(*stage) not in costs}
     built, times = {}, {key: [[] for _ in range(points)] for key in missing}
     for key, (objective, extra) in missing.items():
@@ -252,7 +260,7 @@ def run_row(args, row, seed, costs=None):
     The seed's floors are kept in OUT/floors-seedN.json."""
     directory = os.path.join(args.out, row, f"seed{seed}")
     record_path, floors_path = os.path.join(directory, "record.json"), os.path.join(args.out, f"floors-seed{seed}.json")
-    floors = json.load(open(floors_path)) if os.path.exists(floors_path) else {}
+    floors = read_json(floors_path)
     steps = stage_steps(args, row, costs)
     if os.path.exists(record_path):   # finished by an earlier call: the table is rebuilt from it
         with open(record_path) as file:
