@@ -256,13 +256,14 @@ def test_a_changed_image_folder_rebuilds_its_cache(tmp_path, capsys):
 
 
 def test_a_vae_directory_has_one_cache_found_from_any_directory(tmp_path, monkeypatch, capsys):
-    """`--vae VAE`, `./VAE` and its absolute path are one VAE with one latent cache, and the run's config names the
-    VAE and the data by absolute paths, so that finetune.py run from another directory reuses both."""
+    """`--vae VAE`, `./VAE`, its absolute path and a link to it are one VAE with one latent cache, and the run's
+    config names the VAE and the data by absolute paths, so that finetune.py run from another directory reuses both."""
     import finetune
     vaes.tiny_vae().save_pretrained(tmp_path / "VAE")
+    (tmp_path / "link").symlink_to(tmp_path / "VAE")
     monkeypatch.chdir(tmp_path)
     config = dict(dataset="synthetic", data_dir="data", image_size=32, synthetic_size=20, num_workers=0)
-    for typed in ("VAE", "./VAE/", str(tmp_path / "VAE")):
+    for typed in ("VAE", "./VAE/", str(tmp_path / "VAE"), "link"):
         projection = vaes.open_projection(typed, announce=False)
         latent_cache.dataset_latents(dict(config, vae=typed), "train", projection, devices.Distributed("cpu"))
     assert len(os.listdir(tmp_path / "data" / "lmd_latents")) == 2          # one cache: an index and its parts
@@ -270,7 +271,7 @@ def test_a_vae_directory_has_one_cache_found_from_any_directory(tmp_path, monkey
     train.main(["--dataset", "synthetic", "--synthetic-size", "20", "--image-size", "32", "--vae", "./VAE",
                 "--data-dir", "data", "--model", "tiny", "--steps", "1", "--batch-size", "8", "--eval-images", "8",
                 "--grid-every", "0", "--num-workers", "0", "--device", "cpu", "--out", "run"])
-    assert checkpoints.load_checkpoint("run")["config"]["vae"] == str(tmp_path / "VAE")
+    assert checkpoints.load_checkpoint("run")["config"]["vae"] == os.path.realpath(tmp_path / "VAE")
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     capsys.readouterr()

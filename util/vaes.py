@@ -100,12 +100,12 @@ def _load(vae, device, dtype):
 
 
 def vae_name(vae):
-    """The name a `--vae` value is recorded and cached under: a local directory's absolute path (so that `VAE`,
-    `./VAE` and `/home/me/VAE` are one VAE with one latent cache, and a run's config finds it from any working
-    directory); a Hub id, 'tiny' or 'none' as given."""
+    """The name a `--vae` value is recorded and cached under: a local directory's absolute path, links resolved (so
+    that `VAE`, `./VAE`, `/home/me/VAE` and a link to it are one VAE with one latent cache, and a run's config finds
+    it from any working directory); a Hub id, 'tiny' or 'none' as given."""
     if vae in ("none", "tiny") or not os.path.isdir(vae):
         return vae
-    return os.path.abspath(vae)
+    return os.path.realpath(vae)
 
 
 def _from_hub(vae, device, dtype):
