@@ -135,30 +135,33 @@ def fd_at(points, seconds):
     return None
 
 
-def equal_seconds(records, clock="timed_seconds"):
-    """{row: [(its final fd_normalised, the same seed's ddpm at the row's final time by `clock`, or None), ...]}."""
-    result = {}
+def beside_ddpm(records, clock):
+    """(record, the same seed's ddpm record) for every non-ddpm record with one, their points' 'seconds' read from
+    `clock`: 'seconds' (train.py's clock) or 'timed_seconds' (steps times timed step costs)."""
+    on_clock = lambda record: dict(record, points=[dict(p, seconds=p[clock]) for p in record["points"]])  # noqa: E731
     for record in records:
         ddpm = next((r for r in records if r["row"] == "ddpm" and r["seed"] == record["seed"]), None)
         if ddpm is not None and record["row"] != "ddpm":
-            points = [dict(point, seconds=point[clock]) for point in ddpm["points"]]
-            result.setdefault(record["row"], []).append(
-                (record["points"][-1]["fd_normalised"], fd_at(points, record["points"][-1][clock])))
+            yield on_clock(record), on_clock(ddpm)
+
+
+def equal_seconds(records, clock="timed_seconds"):
+    """{row: [(its final fd_normalised, the same seed's ddpm at the row's final time by `clock`, or None), ...]}."""
+    result = {}
+    for record, ddpm in beside_ddpm(records, clock):
+        final = record["points"][-1]
+        result.setdefault(record["row"], []).append((final["fd_normalised"], fd_at(ddpm["points"], final["seconds"])))
     return result
 
 
 def ratios(records, clock="seconds"):
     """{row: [(time to reach the same seed's ddpm final fd_normalised / ddpm's time, bound), ...]}, each time read
-    from the points' `clock`: 'seconds' (train.py's clock) or 'timed_seconds' (steps times timed step costs)."""
+    from the points' `clock`."""
     result = {}
-    for record in records:
-        ddpm = next((r for r in records if r["row"] == "ddpm" and r["seed"] == record["seed"]), None)
-        if ddpm is None or record["row"] == "ddpm":
-            continue
-        points = [dict(point, seconds=point[clock]) for point in record["points"]]
-        seconds, bound = time_to_reach(points, ddpm["points"][-1]["fd_normalised"])
+    for record, ddpm in beside_ddpm(records, clock):
+        seconds, bound = time_to_reach(record["points"], ddpm["points"][-1]["fd_normalised"])
         result.setdefault(record["row"], []).append(
-            (None, None) if seconds is None else (seconds / ddpm["points"][-1][clock], bound))
+            (None, None) if seconds is None else (seconds / ddpm["points"][-1]["seconds"], bound))
     return result
 
 

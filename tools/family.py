@@ -68,10 +68,9 @@ LABELS = dict(mae="MAE (constant 0.75)", lmd="LMD (cosine)", maskdm="MaskDM (sta
               umd_ft="UMD, then generation fine-tuning (mask 0, r = 0.05)")
 DEFAULT_ROWS = ("mae", "lmd", "maskdm", "umd", "ddpm", "lmd_ddpm")
 DEFAULTS = dict(dataset="digits", data_dir="./data", vae=None, image_size=None, synthetic_size=None, patch_size=None,
-                model="tiny", batch_size=64,
-                steps=1500, seconds=None, seeds=3, first_seed=0, rows=",".join(DEFAULT_ROWS), features="cls", linprobe_epochs=90,
-                num_images=500,
-                sampling_steps=50, device="cpu", out="runs/family", docs=None)
+                model="tiny", batch_size=64, steps=1500, seconds=None, seeds=3, first_seed=0,
+                rows=",".join(DEFAULT_ROWS), features="cls", linprobe_epochs=90, num_images=500, sampling_steps=50,
+                device="cpu", out="runs/family", docs=None)
 
 
 def add_run_flags(parser):
@@ -159,10 +158,10 @@ def stage_key(objective, extra):
 
 
 def seconds_per_step(args, stages, rounds=5, points=4):
-    """Seconds per optimizer step of every distinct stage [(objective, extra flags)], timed side by side in this process: interleaved
-    rounds (the first a warm-up) of one step at each of `points` training progresses on random latents of the
-    run's shape, the median per progress, averaged (an LMD step's cost follows its mask ratio) -> {stage key:
-    seconds}. Kept in OUT/step_costs.json: every seed, in any later call, gets the same steps."""
+    """Seconds per optimizer step of every distinct stage [(objective, extra flags)], timed side by side in this
+    process: interleaved rounds (the first a warm-up) of one step at each of `points` training progresses on random
+    latents of the run's shape, the median per progress, averaged (an LMD step's cost follows its mask ratio) ->
+    {stage key: seconds}. Kept in OUT/step_costs.json: every seed, in any later call, gets the same steps."""
     path = os.path.join(args.out, "step_costs.json")
     costs = read_json(path)
     missing = {stage_key(*stage): stage for stage in stages if stage_key(*stage) not in costs}
@@ -197,7 +196,8 @@ def stage_steps(args, row, costs=None):
     stages = ROWS[row]
     if args.seconds:
         return [max(1, round(args.seconds / len(stages) / costs[stage_key(*stage)])) for stage in stages]
-    return [args.steps // len(stages)] * (len(stages) - 1) + [args.steps - (len(stages) - 1) * (args.steps // len(stages))]
+    share = args.steps // len(stages)
+    return [share] * (len(stages) - 1) + [args.steps - (len(stages) - 1) * share]
 
 
 def finished(run, argv):
@@ -260,11 +260,9 @@ def run_row(args, row, seed, costs=None):
     The seed's floors are kept in OUT/floors-seedN.json."""
     directory = os.path.join(args.out, row, f"seed{seed}")
     record_path, floors_path = os.path.join(directory, "record.json"), os.path.join(args.out, f"floors-seed{seed}.json")
-    floors = read_json(floors_path)
+    floors, record = read_json(floors_path), read_json(record_path)
     steps = stage_steps(args, row, costs)
-    if os.path.exists(record_path):   # finished by an earlier call: the table is rebuilt from it
-        with open(record_path) as file:
-            record = json.load(file)
+    if record:   # finished by an earlier call: the table is rebuilt from it
         if record.get("stage_steps", steps) != steps:
             raise cli.UserError(f"{directory} was trained with another budget ({record['stage_steps']} steps); give "
                                 "another --out")
@@ -447,8 +445,8 @@ def write_docs(args, argv, records, machine):
                   f"validation split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor "
                   f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
                   + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
-                     f"{roundtrip[0]:.3f}" if roundtrip else "") + ". Classes present: those given at least 1% of the samples."
-                  if generative else "")
+                     f"{roundtrip[0]:.3f}" if roundtrip else "")
+                  + ". Classes present: those given at least 1% of the samples." if generative else "")
     front = ", ".join(LABELS[row] for row in pareto_front(records)) or "none"
     text = [
         f"# The family on {args.dataset}, side by side\n",
