@@ -7,7 +7,7 @@ What pretraining learned, measured on the same latents: the kNN probe, the linea
 
 knn and linprobe read the class token after the final norm (--features mean: the mean patch token) and measure,
 in the same invocation, the floors beside it: the LMD network of the same size and seed at random init and the raw
-pixels. A diffusion relative's encoder is probed at model times 0 and 1 (util/probes.py, docs/probes.md). The VAE,
+pixels. A relative's encoder (the lab's: python -m lab.finetune) is probed at model times 0 and 1. The VAE,
 image size, patch size and model size come from the checkpoint. Writes OUT/results.json (top-1 best and final;
 reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
 """
@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import lmd
+import train
 from util import checkpoints, cli, datasets, devices, latent_cache, optim, probes, sampling, vaes
+from util.objective import of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
@@ -151,20 +153,20 @@ def resolve_config(flags, checkpoint_path, pretrained):
     return config
 
 
-def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objective=None):
+def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objectives, objective=None):
     """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The network
     is the checkpoint's objective's, or `objective`'s ('lmd': the probes' floor), of the same size and seed."""
     torch.manual_seed(checkpoint["config"]["seed"])
     network = {**checkpoint["config"], **{key: config[key] for key in GEOMETRY}}
-    autoencoder = checkpoints.build_model({**network, "objective": objective or network.get("objective", "lmd")},
-                                          projection)
+    network["objective"] = objective or network.get("objective", "lmd")
+    autoencoder = checkpoints.build_model(network, projection, of(network, objectives))
     if init == "pretrained":
         checkpoints.load_model_state(autoencoder, checkpoint["model"], config["checkpoint"])
     torch.manual_seed(config["seed"])   # the head's initialisation
     return lmd.LatentClassifier(autoencoder, num_classes, linear_probe)
 
 
-def run_probes(config, checkpoint, projection, train_data, val_data, dist):
+def run_probes(config, checkpoint, projection, train_data, val_data, dist, objectives):
     """knn or linprobe of every encoder of probes.probe_plan, then of the raw pixels -> (the results.json fields,
     the pretrained classifier)."""
     flips = (0,) if config["mode"] == "knn" or config["dataset"] in datasets.NO_FLIP else (0, 1)
@@ -179,17 +181,19 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist):
             print(f"{config['mode']} top-1 ({config['features']}), {name.replace('_', ' ')}: {final:.4f} "
                   f"(val {count} images, standard error {probes.standard_error(final, count):.4f})", file=sys.stderr)
 
-    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"]).items():
+    pretrained_objective = of(checkpoint["config"], objectives)
+    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"], pretrained_objective).items():
         if name in config["skip_floors"]:
             continue
         classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True,
-                                      objective).to(dist.device)
+                                      objectives, objective).to(dist.device)
         pretrained = pretrained or (classifier if init == "pretrained" else None)   # its inference speed is measured
-        measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"])
+        measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"],
+                                              pretrained_objective.probe_inputs)
                         for data, views in ((train_data, flips), (val_data, (0,)))))
     if config["raw_pixels"] and "raw_pixels" not in config["skip_floors"]:
         measure("raw_pixels", probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,)))
-    return probes.result_fields(measured, checkpoint["config"]), pretrained
+    return probes.result_fields(measured, checkpoint["config"], pretrained_objective), pretrained
 
 
 def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, autocast):
@@ -240,10 +244,12 @@ def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, aut
     return dict(top1=probes.summarise(history), history=history)
 
 
-def main(argv=None):
+def main(argv=None, objectives=train.OBJECTIVES):
+    """Probe or fine-tune a run of one of `objectives` ({name: Objective}; the lab passes its relatives too)."""
     flags = vars(build_parser().parse_args(argv))
     checkpoint = checkpoints.load_checkpoint(flags["checkpoint"])
     pretrained = checkpoint["config"]
+    of(pretrained, objectives)   # a relative's run without the lab: one line, before any data is read
     config = resolve_config(flags, flags["checkpoint"], pretrained)
     dist = devices.Distributed(config["device"])
     if config["batch_size"] % dist.world_size:
@@ -263,10 +269,11 @@ def main(argv=None):
               f"{dist.device}", file=sys.stderr)
     started = time.time()
     if config["mode"] == "finetune":
-        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), config["init"], False)
+        classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), config["init"], False,
+                                      objectives)
         fields = run_finetune(config, checkpoint, train_data, val_data, dist, classifier.to(dist.device), autocast)
     else:
-        fields, classifier = run_probes(config, checkpoint, projection, train_data, val_data, dist)
+        fields, classifier = run_probes(config, checkpoint, projection, train_data, val_data, dist, objectives)
     if dist.is_main:
         results = dict(**fields, mode=config["mode"], init=config["init"], epochs=config["epochs"],
                        features=config["features"] if config["mode"] != "finetune" else "mean",

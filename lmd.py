@@ -12,8 +12,8 @@ training ("from simple to difficult"). Read this file top to bottom:
     6. loss                   mean squared error over masked tokens only
     7. the classifier         the pretrained encoder's features, and a head on them
 
-Loading a VAE, data, the latent cache, checkpoints, devices and pictures live in util/; train.py and finetune.py
-use both. One training step (schedule, forward, loss, optimiser) is util/pretraining.training_step.
+Loading a VAE, data, the latent cache, checkpoints, devices and pictures live in util/; train.py (whose loop holds
+the training step: the step's ratio, forward, loss, backward, optimiser step) and finetune.py use both.
 """
 
 import copy
@@ -301,53 +301,57 @@ class MaskedLatentViT(nn.Module):
 #################################################################################
 
 SCHEDULERS = ("constant", "linear", "piecewise", "cosine")
+MAE_MASK_RATIO = 0.75   # MAE's fixed ratio: the constant baseline, the end of the ramp, and where runs are compared
+COSINE_OFFSET = 0.008   # s in the cosine formula, as in improved-DDPM's cosine noise schedule
 
 
 @dataclass
 class MaskSchedule:
     """The mask ratio as a pure function of training progress p = step / total_steps in [0, 1].
 
-    The progressive schedules ramp from `start` to `end` over the first `ramp` fraction of training, then hold
-    `end` (the paper's grow; a falling ramp, start above end, is allowed). `piecewise` passes through a plateau at
-    `mid`. `constant` is the MAE baseline at `constant_ratio`. Any other function of progress into (0, 1) serves as
-    a schedule too (check_schedule).
-    Because it depends on progress only, a resumed run continues the schedule where it stopped.
+    The progressive schedules ramp from `mask_start` to `mask_end` over the first `ramp_fraction` of training, then
+    hold `mask_end` (the paper's grow; a falling ramp is allowed). `piecewise` passes through a plateau at
+    `mask_plateau`. `constant` is the MAE baseline at `mask_ratio`. The fields are train.py's flags of the same names,
+    and these are their defaults. Any other function of progress into (0, 1) serves as a schedule too
+    (check_schedule). Because it depends on progress only, a resumed run continues the schedule where it stopped.
     """
-    name: str = "cosine"
-    start: float = 0.15
-    end: float = 0.75
-    mid: float = 0.40
-    ramp: float = 2 / 3
-    constant_ratio: float = 0.75
-    cosine_offset: float = 0.008   # s in the cosine formula, as in improved-DDPM's cosine noise schedule
+    scheduler: str = "cosine"
+    mask_start: float = 0.15
+    mask_end: float = MAE_MASK_RATIO
+    mask_plateau: float = 0.40
+    ramp_fraction: float = 2 / 3
+    mask_ratio: float = MAE_MASK_RATIO
 
     def __post_init__(self):
-        if self.name not in SCHEDULERS:
-            raise ConfigError(f"unknown scheduler {self.name!r}; choose one of {', '.join(SCHEDULERS)}")
-        for label, value in (("start", self.start), ("end", self.end), ("mid", self.mid),
-                             ("constant", self.constant_ratio)):
-            if not 0 < value < 1:   # a falling ratio is allowed: only one that hides nothing or everything is not
-                raise ConfigError(f"mask ratio {label}={value} must lie strictly between 0 and 1")
-        if not 0 < self.ramp <= 1:
-            raise ConfigError(f"ramp fraction {self.ramp} must lie in (0, 1]")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        for label in ("mask_start", "mask_end", "mask_plateau", "mask_ratio"):
+            if not 0 < getattr(self, label) < 1:   # a falling ratio is allowed: one that hides nothing or all is not
+                raise ConfigError(f"--{label.replace('_', '-')} {getattr(self, label)} must lie strictly between 0 "
+                                  "and 1")
+        if not 0 < self.ramp_fraction <= 1:
+            raise ConfigError(f"--ramp-fraction {self.ramp_fraction} must lie in (0, 1]")
 
-    def _cosine_curve(self, u):
-        return math.cos((u + self.cosine_offset) / (1 + self.cosine_offset) * math.pi / 2) ** 2
+    @staticmethod
+    def _cosine_curve(u):
+        return math.cos((u + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2) ** 2
 
     def __call__(self, progress):
         """progress in [0, 1] -> mask ratio."""
-        if self.name == "constant":
-            return self.constant_ratio
-        u = min(max(progress, 0.0) / self.ramp, 1.0)   # position along the ramp
-        if self.name == "linear":
-            return self.start + (self.end - self.start) * u
-        if self.name == "piecewise":   # start -> mid over the ramp's first quarter (1/6 of training), hold, -> end
+        if self.scheduler == "constant":
+            return self.mask_ratio
+        start, end, plateau = self.mask_start, self.mask_end, self.mask_plateau
+        u = min(max(progress, 0.0) / self.ramp_fraction, 1.0)   # position along the ramp
+        if self.scheduler == "linear":
+            return start + (end - start) * u
+        if self.scheduler == "piecewise":   # start -> plateau over the ramp's first quarter (1/6 of training), hold,
+            # then -> end
             if u < 0.25:
-                return self.start + (self.mid - self.start) * u / 0.25
+                return start + (plateau - start) * u / 0.25
             if u < 0.5:
-                return self.mid
-            return self.mid + (self.end - self.mid) * (u - 0.5) / 0.5
-        return self.start + (self.end - self.start) * (1 - self._cosine_curve(u) / self._cosine_curve(0.0))
+                return plateau
+            return plateau + (end - plateau) * (u - 0.5) / 0.5
+        return start + (end - start) * (1 - self._cosine_curve(u) / self._cosine_curve(0.0))
 
 
 def check_schedule(schedule, points=101):

@@ -1,15 +1,21 @@
-"""The objectives train.py can pretrain with: LMD and its relatives, masked diffusion models built from lmd.py's parts,
-one file per method, each ending with its record (objective.py says what a record holds).
+"""The lab: LMD's relatives, sampling and the generation judge, and the research instruments. It imports the core
+(lmd.py, train.py, finetune.py, util/); the core never imports it, so deleting this folder leaves LMD whole.
 
-    objective     the record of an objective, and its flags
-    lmd_objective LMD's record (the method itself is lmd.py): masking, no noise
+The relatives, masked diffusion models grown from lmd.py's parts, one file per method, each ending with its record
+(util/objective.py says what a record holds):
     diffusion     what the relatives share: the noise schedule (diffusers' DDPMScheduler), time conditioning
                   (adaLN-Zero), the time-conditioned ViT (lmd.MaskedLatentViT with adaLN-Zero blocks), the DDIM sampler
-    ddpm          plain diffusion: the masked ViT with no mask, predicting the noise (train.py --objective ddpm)
-    maskdm        MaskDM stage 1: block masks, the noise of the visible tokens only (train.py --objective maskdm);
-                  stage 2 is ddpm fine-tuning (train.py --objective ddpm --init RUN)
+    ddpm          plain diffusion: the masked ViT with no mask, predicting the noise
+    maskdm        MaskDM stage 1: block masks, the noise of the visible tokens only; stage 2 is ddpm fine-tuning
+                  (--objective ddpm --init RUN)
     umd           UMD: a clean half (MAE: time 0, no noise, x0 on the masked tokens) and a noised half (eps on the
-                  visible tokens, x0 on the masked ones) of every batch, one model (train.py --objective umd)
+                  visible tokens, x0 on the masked ones) of every batch, one model
+They train through train.py's loop and are probed by finetune.py's, given the lab's OBJECTIVES:
+    python -m lab.train --objective ddpm ...          (train.py's flags)
+    python -m lab.finetune --checkpoint RUN ...       (finetune.py's flags)
+Sampling and judging: lab/sample.py, lab/judge.py, lab/pictures.py. Instruments: race (LMD against pixel MAE over
+wall-clock time), family (the relatives side by side), curve (samples against training time), ablation (the four
+schedulers), bench (throughput). Their pages are lab/docs/.
 
 Any other module here that defines OBJECTIVE is found and registered too: a fork adds an objective in one file.
 Every model has train.py's training call, model(latents, mask_ratio, normalize_targets, generator=...) -> (loss,
@@ -20,59 +26,46 @@ bit-identical to an uninterrupted one.
 import importlib
 import pkgutil
 
-from relatives import ddpm, diffusion, lmd_objective, maskdm, umd  # noqa: F401  (diffusion: for its readers)
-from relatives.objective import Objective, UnknownObjective  # noqa: F401
+import train
+from lab import ddpm, maskdm, umd
+from util.objective import Objective, of
 
-REGISTRY = {}   # name -> Objective, in the order of --objective's choices
+OBJECTIVES = dict(train.OBJECTIVES)   # name -> Objective, in the order of --objective's choices: LMD first
 
 
 def register(objective):
-    """Make `objective` (an Objective) known to train.py, finetune.py, sample.py and tools/. -> the objective."""
-    REGISTRY[objective.name] = objective
+    """Make `objective` (an Objective) known to the lab's scripts and instruments. -> the objective."""
+    OBJECTIVES[objective.name] = objective
     return objective
 
 
-for module in (lmd_objective, ddpm, maskdm, umd):
+for module in (ddpm, maskdm, umd):
     register(module.OBJECTIVE)
-for info in pkgutil.iter_modules(__path__):   # a fork's own objective: relatives/NAME.py with OBJECTIVE = ...
-    found = getattr(importlib.import_module(f"{__name__}.{info.name}"), "OBJECTIVE", None)
-    if isinstance(found, Objective) and found.name not in REGISTRY:
-        register(found)
-
-
-def names():
-    """The registered objectives' names, LMD first."""
-    return tuple(REGISTRY)
+NOT_OBJECTIVES = {"diffusion", "pictures", "judge", "sample", "train", "finetune", "race", "family", "curve",
+                  "ablation", "bench"}
+for info in pkgutil.iter_modules(__path__):   # a fork's own objective: lab/NAME.py with OBJECTIVE = ...
+    if info.name not in NOT_OBJECTIVES | set(OBJECTIVES) and not info.ispkg:
+        found = getattr(importlib.import_module(f"{__name__}.{info.name}"), "OBJECTIVE", None)
+        if isinstance(found, Objective) and found.name not in OBJECTIVES:
+            register(found)
 
 
 def get(name):
     """The record of objective `name`."""
-    if name not in REGISTRY:
-        raise UnknownObjective(f"unknown objective {name!r}; choose one of {', '.join(REGISTRY)} (a new one: a module "
-                               "in relatives/ that defines OBJECTIVE, see docs/forking.md)")
-    return REGISTRY[name]
+    return of({"objective": name}, OBJECTIVES)
 
 
-def of(config):
-    """The record of a run's config (runs from before the relatives existed are LMD runs)."""
-    return get(config.get("objective", "lmd"))
-
-
-def build_model(config, grid, channels):
-    """The network of a run config (objective, model, patch_size and the objective's own keys) on a grid x grid x
-    channels latent."""
-    return of(config).build(config, grid, channels)
-
-
-def own_flags():
-    """{config key: [(objective name, Flag), ...]}: every objective's own train.py flags, in registry order."""
-    flags = {}
-    for objective in REGISTRY.values():
-        for key, own in objective.flags.items():
-            flags.setdefault(key, []).append((objective.name, own))
-    return flags
-
-
-def flags_not_read(name):
-    """The flags (config keys) that objective `name` ignores: given on the command line, they are an error."""
-    return set(own_flags()) - set(get(name).flags)
+def optimizer_step(model, optimizer, latents, schedule, progress, lr, generator, normalize_targets=False,
+                   autocast=None):
+    """One step as train.py's loop takes it (ratio, forward, loss, backward, AdamW), for the instruments that race or
+    time steps outside that loop (race.py, family.py's step costs) -> (loss [], detached; the mask ratio)."""
+    import torch
+    mask_ratio = schedule(progress)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(latents.device.type, dtype=autocast, enabled=autocast is not None):
+        loss, _, _ = model(latents, mask_ratio, normalize_targets, generator=generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), mask_ratio

@@ -3,9 +3,9 @@ Scheduler ablation: pretrain with constant, linear, piecewise and cosine masking
 probe each encoder with kNN and the linear probe beside its own random init, and write OUT/ablation.md (a markdown
 table, mean +- std over seeds) and OUT/ablation.json.
 
-    python tools/ablation.py --out runs/ablation-digits --seeds 1,2,3 -- --dataset digits --vae none \
+    python -m lab.ablation --out runs/ablation-digits --seeds 1,2,3 -- --dataset digits --vae none \
         --model tiny --patch-size 8 --steps 600 --batch-size 64 --base-lr 1.5e-3 --no-normalize-targets
-    python tools/ablation.py --out runs/ablation-cifar10 -- --dataset cifar10 --steps 10000
+    python -m lab.ablation --out runs/ablation-cifar10 -- --dataset cifar10 --steps 10000
 
 Everything after `--` goes to train.py unchanged, the same for every run (--scheduler, --seed and --out are set
 here). Each run lives in OUT/<scheduler>-seed<S>/ with its grids and curves, its probes in knn/ and linprobe/.
@@ -21,10 +21,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
-import lmd  # noqa: E402
-from util import cli  # noqa: E402
-from util import pictures  # noqa: E402
+import lmd
+from util import cli
+from util import pictures
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: train.py, finetune.py
 
@@ -125,7 +124,7 @@ def report(results, argv, seconds):
             f"epoch), each beside the same seed's random-init encoder. Wall time: "
             f"train.py's training loop and final evaluation (summary.json); steps/s: optimizer steps per second "
             f"over the loop (metrics.jsonl).\n\n"
-            f"Command: `python tools/ablation.py {shlex.join(argv)}`  \n"
+            f"Command: `python -m lab.ablation {shlex.join(argv)}`  \n"
             f"Machine: {device} ({platform.processor() or platform.machine()}), torch {torch.__version__}; "
             f"the whole ablation took {seconds / 60:.1f} min.\n")
 
@@ -159,7 +158,7 @@ def main(argv=None):
     with open(os.path.join(args.out, "ablation.md"), "w") as file:
         file.write(text)
     with open(os.path.join(args.out, "ablation.json"), "w") as file:
-        json.dump(dict(command=["python", "tools/ablation.py", *argv], results=results, torch_version=torch.__version__,
+        json.dump(dict(command=["python", "-m", "lab.ablation", *argv], results=results, torch_version=torch.__version__,
                        minutes=(time.time() - started) / 60), file, indent=2)
     print(text)
 

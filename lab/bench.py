@@ -1,9 +1,9 @@
 """
 LMD speed benchmark: is pretraining on cached latents really faster than pixel MAE? One command, one run.
 
-    python tools/bench.py                         # full run: under 5 minutes on a 2-core CPU
-    python tools/bench.py --quick                 # under a minute: smaller batches, fewer rounds
-    python tools/bench.py --device cuda --compile # a GPU, bf16 autocast, torch.compile
+    python -m lab.bench                         # full run: under 5 minutes on a 2-core CPU
+    python -m lab.bench --quick                 # under a minute: smaller batches, fewer rounds
+    python -m lab.bench --device cuda --compile # a GPU, bf16 autocast, torch.compile
 
 What it measures, side by side on one device in one process:
   a. pretraining images/s of LMD on cached latents against the pixel MAE baseline (--vae none): at the paper's
@@ -15,7 +15,7 @@ What it measures, side by side on one device in one process:
      the GPUs of NOMINAL_BF16_TFLOPS);
   d. peak memory of each step;
   e. classifier inference images/s: a latent ViT-B/4 with its VAE encoder against a pixel ViT-B/16;
-  f. each objective's training step (relatives/: ddpm with no mask, MaskDM with 0.75 of its tokens dropped in
+  f. each objective's training step (lab/: ddpm with no mask, MaskDM with 0.75 of its tokens dropped in
      blocks) beside LMD's at 0.75, the same model on the same cached latents at the CPU-sized setting.
 
 How: a training step is what train.py does (take a batch, forward with the mask ratio, backward, AdamW step).
@@ -38,14 +38,13 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
-import lmd  # noqa: E402
-import relatives  # noqa: E402
-from util import cli  # noqa: E402
-from util import datasets  # noqa: E402
-from util import devices  # noqa: E402
-from util import optim  # noqa: E402
-from util import vaes  # noqa: E402
+import lmd
+import lab
+from util import cli
+from util import datasets
+from util import devices
+from util import optim
+from util import vaes
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults and settings, in one block.
@@ -298,7 +297,7 @@ class Trainer:
         grid = datasets.check_geometry(setting["image_size"], downsample, patch)
         side = grid // patch   # tokens per side; MaskDM masks 2 x 2 blocks where they fit
         config = dict(objective=objective, model=setting["model"], patch_size=patch, block_size=2 - side % 2)
-        self.model = relatives.build_model(config, grid, channels).to(device)
+        self.model = lab.get(config.get("objective", "lmd")).build(config, grid, channels).to(device)
         self.geometry = setting
         if compile_model:   # as train.py: each transformer block, in place (the FLOP counter still sees through)
             devices.compile_transformer_blocks(self.model)

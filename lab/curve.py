@@ -2,17 +2,17 @@
 Sample quality against training seconds: does a two-stage row (MaskDM's masked pretraining, or LMD's encoder, then
 ordinary diffusion) reach ddpm's final quality in less time than ddpm from scratch?
 
-Each row (tools/family.py's generative rows) is trained by train.py with the same step budget (two-stage rows: half
+Each row (lab/family.py's generative rows) is trained by train.py with the same step budget (two-stage rows: half
 and half). Its last stage stops at --points evenly spaced steps (--stop-after-step, then --resume: the same run as
-an uninterrupted one), and at each the model is sampled by sample.py (DDIM, eta 0) and judged by util.judge. A
+an uninterrupted one), and at each the model is sampled by sample.py (DDIM, eta 0) and judged by lab/judge.py. A
 point has two clocks, every stage summed, sampling not counted: train.py's clock of its training loops, and its
 steps times each stage's seconds per step timed side by side in one process (family.seconds_per_step, kept in
 OUT/step_costs.json), which the neighbours on a shared machine do not move. The plot uses the second.
 
-    python tools/curve.py --dataset fashion-mnist --vae runs/vae-fashion --rows ddpm,lmd_ddpm --steps 3000 \\
+    python -m lab.curve --dataset fashion-mnist --vae runs/vae-fashion --rows ddpm,lmd_ddpm --steps 3000 \\
         --points 4 --seeds 2 --out runs/curve-fashion --docs docs
     # MaskDM where its saving can show: 8 x 8 latent tokens (patch 1), 90% of 2 x 2 blocks masked in stage 1
-    python tools/curve.py --dataset fashion-mnist --vae runs/vae-fashion --patch-size 1 --rows ddpm,maskdm \\
+    python -m lab.curve --dataset fashion-mnist --vae runs/vae-fashion --patch-size 1 --rows ddpm,maskdm \\
         --maskdm-mask-ratio 0.9 --steps 4000 --seeds 2 --out runs/curve-maskdm-8x8
 
 Writes OUT/<row>/seed<N>/ (the runs and each point's samples; finished points are kept when it runs again),
@@ -27,16 +27,13 @@ import shutil
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # runnable as `python tools/curve.py` from anywhere
-sys.path.insert(0, os.path.join(ROOT, "tools"))
+import torch
 
-import torch  # noqa: E402
-
-import family  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from util import cli  # noqa: E402
+import lab
+import train
+from lab import family
+from lab import sample
+from util import cli
 
 GENERATIVE_ROWS = ("ddpm", "maskdm", "lmd_ddpm", "umd", "umd_ft")
 DEFAULTS = dict(family.DEFAULTS, rows="ddpm,maskdm,lmd_ddpm", steps=3000, points=4, seeds=2, maskdm_mask_ratio=None,
@@ -102,7 +99,7 @@ def run_curve(args, row, seed):
                   file=sys.stderr)
             argv = ["--resume", run] if done else family.train_argv(args, objective, extra, steps, seed, run,
                                                                    init=previous)
-            train.main(argv + ["--stop-after-step", str(stop)])
+            train.main(argv + ["--stop-after-step", str(stop)], lab.OBJECTIVES)
             stage_seconds, done = stage_seconds + family.training_seconds(run, done), stop
             if last:
                 record["points"].append(dict(step=stop, seconds=seconds + stage_seconds,
@@ -253,9 +250,9 @@ def main(argv=None):
     plot(records, os.path.join(args.docs, "curve.png"))
     text = table(records, costs)
     with open(os.path.join(args.docs, "curve.md"), "w") as file:
-        file.write(f"# Sample quality against training seconds\n\nMade by `python tools/curve.py {' '.join(argv)}` "
+        file.write(f"# Sample quality against training seconds\n\nMade by `python -m lab.curve {' '.join(argv)}` "
                    f"({machine}). {args.num_images} DDIM samples ({args.sampling_steps} steps, eta 0) per point, "
-                   f"judged by util.judge.\n\n{text}\n![fd_normalised against training seconds](curve.png)\n")
+                   f"judged by lab/judge.py.\n\n{text}\n![fd_normalised against training seconds](curve.png)\n")
     print(text, file=sys.stderr)
     return records
 

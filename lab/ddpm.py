@@ -11,8 +11,8 @@ Sampling (DDIM) is diffusion.ddim_sample; sample.py runs it and judges the image
 import torch
 
 import lmd
-from relatives import diffusion
-from relatives.objective import Objective
+from lab import diffusion
+from util.objective import Objective
 
 
 class DDPM(diffusion.DiffusionViT):

@@ -8,7 +8,8 @@ LMD keeps masking and drops the noise; its relatives keep both. Read this file t
     2. time conditioning     sinusoidal time embedding -> adaLN-Zero (DiT) in every transformer block
     3. the diffusion ViT     lmd.MaskedLatentViT with adaLN-Zero blocks in encoder and decoder, eps (and x0) heads
     4. the sampler           DDIM (diffusers' DDIMScheduler) with the eps head
-    5. their records         what the diffusion objectives' records (relatives/objective.py) have in common
+    5. probing               a diffusion encoder's input at a model time, for the probes (finetune.py)
+    6. their records         what the diffusion objectives' records (util/objective.py) have in common
 
 The objectives themselves (ddpm.py, maskdm.py, umd.py) choose which tokens the network sees and which it is scored
 on.
@@ -21,7 +22,8 @@ import torch
 import torch.nn as nn
 
 import lmd
-from relatives.objective import flag
+from lab import pictures
+from util.objective import flag
 
 
 #################################################################################
@@ -286,7 +288,36 @@ def sample_images(model, projection, num_images, steps=50, eta=0.0, generator=No
 
 
 #################################################################################
-#                                5. Their records                               #
+#                          5. Probing a diffusion encoder                        #
+#################################################################################
+
+def image_noise(shape, indices, seed):
+    """Standard normal noise [B, *shape], image i's drawn by a generator of its own (seed, i): the same in any
+    batch, on any number of processes, for both views of an image."""
+    seeds = [(seed * 0x9E3779B1 + int(i)) % 2**32 for i in indices]   # a generator reads 32 bits of its seed
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def at_time(latents, time, indices, seed):
+    """latents [B, C, H, W] of images `indices` [B] -> (inputs [B, C, H, W], model time [B]): the probes' input of a
+    diffusion encoder (its records' probe_inputs; util/probes.py).
+
+    time None: as they are, no time; 0: clean, at model time 0; k >= 1: noised at level
+    k - 1 (x = sqrt(a) x0 + sqrt(1 - a) eps, as in training; level 0 on the cosine schedule: sqrt(1 - a) = 0.0064)
+    with each image's own noise (image_noise), at model time k.
+    """
+    if time is None:
+        return latents, None
+    times = torch.full((len(latents),), time, device=latents.device)
+    if time == 0:
+        return latents, times
+    noise = image_noise(latents.shape[1:], indices, seed).to(latents.device, latents.dtype)
+    return add_noise(latents, noise, times - 1), times
+
+
+
+#################################################################################
+#                                6. Their records                               #
 #################################################################################
 
 # The diffusion objectives' training defaults where they differ from LMD's (train.py's): small batches and no
@@ -298,8 +329,15 @@ SNR_GAMMA_FLAG = flag(SNR_GAMMA, "weigh each noise level's eps loss by min(SNR, 
                                  "2023); 0 = the plain eps-MSE of the papers", type=float)
 DDIM_50 = dict(sampling_steps=50, eta=0.0)   # how sample.py samples unless told: DDIM, 50 steps, eta 0
 NOISE_WORDS = "cosine betas, T = 1000"          # the noise, in words, for the line a run starts with
-RECORD = dict(loss_name="eps loss", held_out_key="held_out_eps_loss", sampler=DDIM_50, grid="samples",
+RECORD = dict(loss_name="eps loss", held_out_key="held_out_eps_loss", sampler=DDIM_50, probe_inputs=at_time,
+              sample_grid=lambda *run: pictures.SampleGridWriter(*run),   # grids of samples, not reconstructions
               lowest_time=lambda config: 1)   # only ever told t + 1 >= 1
+
+
+def fixed_ratio(config):
+    """The schedule of an objective that masks a fixed share of tokens all along: its --mask-ratio."""
+    ratio = config["mask_ratio"]
+    return lambda progress: ratio
 
 
 def snr_gamma(config):

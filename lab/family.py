@@ -1,9 +1,9 @@
 """
 LMD's whole family on one dataset, side by side: the same encoder, the same data, the same probes, the same judge.
 
-    python tools/family.py --vae runs/VAE --steps 1500 --seeds 3 --out runs/family --docs docs
-    python tools/family.py --vae runs/VAE --seconds 300 --seeds 3 --out runs/family-300s
-    python tools/family.py --vae none --patch-size 8 --steps 1500 --out runs/family-pixels --docs docs/pixels
+    python -m lab.family --vae runs/VAE --steps 1500 --seeds 3 --out runs/family --docs docs
+    python -m lab.family --vae runs/VAE --seconds 300 --seeds 3 --out runs/family-300s
+    python -m lab.family --vae none --patch-size 8 --steps 1500 --out runs/family-pixels --docs docs/pixels
 
 The rows (--rows picks some), each trained by train.py with the same step budget (two-stage rows split it in half):
     mae         --objective lmd --scheduler constant (0.75): the masked autoencoder, no curriculum, no noise
@@ -18,7 +18,7 @@ Each final model is probed by finetune.py (kNN and the linear probe, one --featu
 beside the same floors: the LMD network of the same size and seed at random init, and the raw pixels; a diffusion
 row is read at the least noisy model time it trained on, and its own init is shown where it differs; a floor depends
 only on its network, seed and the data, so each is measured once a seed, OUT/floors-seedN.json) and, if it can
-generate, sampled by sample.py (DDIM) and judged by util.judge (fd_normalised: 0 is the real data, 1 the blurred
+generate, sampled by sample.py (DDIM) and judged by lab/judge.py (fd_normalised: 0 is the real data, 1 the blurred
 data; the classes present among the samples). Training seconds are train.py's own clock of its training loop
 (metrics.jsonl), every stage summed.
 
@@ -40,16 +40,13 @@ import statistics
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # runnable as `python tools/family.py` from anywhere
+import torch
 
-import torch  # noqa: E402
-
-import finetune  # noqa: E402
-import relatives  # noqa: E402
-import sample  # noqa: E402
-import train  # noqa: E402
-from util import cli, datasets, devices, pretraining, probes  # noqa: E402
+import lab
+import train
+from lab import finetune
+from lab import sample
+from util import cli, datasets, devices, probes
 
 # (objective, extra train.py flags) per stage. The LMD stages use the README's laptop recipe; the diffusion stages
 # train.py's own defaults for their objective (batch 64, base lr 8e-3, no weight decay, min-SNR-5).
@@ -167,19 +164,19 @@ def seconds_per_step(args, stages, rounds=5, points=4):
     missing = {stage_key(*stage): stage for stage in stages if stage_key(*stage) not in costs}
     built, times = {}, {key: [[] for _ in range(points)] for key in missing}
     for key, (objective, extra) in missing.items():
-        config, _ = train.load_config(train_argv(args, objective, extra, 1000, 0, os.path.join(args.out, "timing")))
+        config, _ = train.load_config(train_argv(args, objective, extra, 1000, 0, os.path.join(args.out, "timing")),
+                                      lab.OBJECTIVES)
         dist = devices.Distributed(config["device"])
-        projection, model, optimizer = train.build_run(config, None, dist)
+        projection, model, optimizer = train.build_run(config, None, dist, lab.OBJECTIVES)
         size = config["image_size"] // projection.downsample
         latents = torch.randn(config["batch_size"], projection.channels, size, size, device=dist.device)
-        built[key] = (model, optimizer, relatives.of(config).schedule(config), latents)
+        built[key] = (model, optimizer, lab.get(config['objective']).schedule(config), latents)
     for round_ in range(rounds + 1 if missing else 0):
         for key, (model, optimizer, schedule, latents) in built.items():
             for index in range(points):
                 generator = torch.Generator(latents.device).manual_seed(round_)
                 started = time.perf_counter()
-                loss, _ = pretraining.training_step(model, optimizer, latents, schedule, (index + 0.5) / points, 1e-4,
-                                                    generator)
+                loss, _ = lab.optimizer_step(model, optimizer, latents, schedule, (index + 0.5) / points, 1e-4, generator)
                 loss.item()   # the step has finished on any device
                 if round_:
                     times[key][index].append(time.perf_counter() - started)
@@ -207,7 +204,7 @@ def finished(run, argv):
         return False
     with open(os.path.join(run, "config.json")) as file:
         saved = json.load(file)
-    config, paths = train.load_config(argv)[0], ("vae", "data_dir", "init")
+    config, paths = train.load_config(argv, lab.OBJECTIVES)[0], ("vae", "data_dir", "init")
     same_path = lambda a, b: (a is None) == (b is None) and (a is None or os.path.realpath(a) == os.path.realpath(b))
     differ = [key for key, value in config.items() if key not in (*train.RESUME_OVERRIDES, "out", *paths)
               and value is not None and saved.get(key) != value]
@@ -226,7 +223,7 @@ def probe(args, run, mode, floors):
     out = os.path.join(run, mode + "-mean" * (args.features == "mean"))
     with open(os.path.join(run, "config.json")) as file:
         config = json.load(file)
-    own = f"own_init {config['objective']} time {probes.lowest_trained_time(config)}"
+    own = f"own_init {config['objective']} time {probes.lowest_trained_time(config, lab.get(config['objective']))}"
     names = {f"{mode} {args.features} {key}": field for key, field in
              (("random_init", "random_init"), ("raw_pixels", "raw_pixels"), (own, "own_init"))}
     argv = ["--checkpoint", run, "--mode", mode, "--features", args.features, "--device", args.device, "--out", out]
@@ -288,7 +285,7 @@ def train_row(args, row, seed, steps, costs, directory):
         argv = train_argv(args, objective, extra, count, seed, run, init=previous)
         if not finished(run, argv):
             print(f"== {row} seed {seed}: stage {index + 1}/{len(steps)}, {objective}, {count} steps", file=sys.stderr)
-            train.main(argv)
+            train.main(argv, lab.OBJECTIVES)
         if not os.path.exists(os.path.join(run, "summary.json")):   # train.py saves and returns when signalled
             raise cli.UserError(f"{run} stopped before its last step; run the same command again to redo it")
         seconds += training_seconds(run)
@@ -301,7 +298,7 @@ def train_row(args, row, seed, steps, costs, directory):
 
 def sample_row(args, record, seed, directory):
     """A generative row's final model sampled by sample.py and judged: the judge's fields, written into the record."""
-    if not relatives.get(record["objective"]).sampler:
+    if not lab.get(record["objective"]).sampler:
         return
     samples = os.path.join(directory, "samples")
     result = sample.main(["--checkpoint", record["run"], "--out", samples, "--num-images", str(args.num_images),
@@ -441,7 +438,7 @@ def write_docs(args, argv, records, machine):
     generative = next((r for r in records if "fd_normalised" in r), None)
     roundtrip = [r["vae_roundtrip_fd_normalised"] for r in records if "vae_roundtrip_fd_normalised" in r]
     judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
-                  f"judged by util.judge (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
+                  f"judged by lab/judge.py (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
                   f"validation split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor "
                   f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
                   + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
@@ -450,7 +447,7 @@ def write_docs(args, argv, records, machine):
     front = ", ".join(LABELS[row] for row in pareto_front(records)) or "none"
     text = [
         f"# The family on {args.dataset}, side by side\n",
-        f"Made by `{' '.join(['python tools/family.py', *argv])}` ({machine}).\n",
+        f"Made by `{' '.join(['python -m lab.family', *argv])}` ({machine}).\n",
         f"Every row: the {args.model} model on {space}, {budget_words(args)} of {args.batch_size} images "
         "(two-stage rows: half and half), seeds as counted. Probes of the final model (finetune.py): kNN (20-NN, "
         f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), on the validation split, each "

@@ -16,8 +16,8 @@ so that stage 2 is exactly train.py's ddpm network; its long skips are not used.
 import torch
 
 import lmd
-from relatives import diffusion
-from relatives.objective import Objective, fixed_ratio, flag
+from lab import diffusion
+from util.objective import Objective, flag
 
 
 #################################################################################
@@ -97,7 +97,7 @@ def schedule(config):
     """A fixed ratio, strictly between 0 and 1 (some blocks seen, some masked)."""
     if not 0 < config["mask_ratio"] < 1:
         raise lmd.ConfigError(f"mask ratio {config['mask_ratio']} must lie strictly between 0 and 1")
-    return fixed_ratio(config)
+    return diffusion.fixed_ratio(config)
 
 
 # Its ratio 0.75 in blocks of 2 x 2 tokens keeps one block of four on a 4 x 4 token grid.

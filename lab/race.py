@@ -1,8 +1,8 @@
 """
 The paper's claim on a laptop: LMD against pixel MAE, top-1 against wall-clock time, every cost counted.
 
-    python tools/race.py --dataset digits --minutes 6 --pixel-patch 8 --out runs/race     # trains its VAE first
-    python tools/race.py --dataset digits --vae runs/vae-digits --minutes 6 --seeds 3 --probes 4 --pixel-patch 8 \
+    python -m lab.race --dataset digits --minutes 6 --pixel-patch 8 --out runs/race     # trains its VAE first
+    python -m lab.race --dataset digits --vae runs/vae-digits --minutes 6 --seeds 3 --probes 4 --pixel-patch 8 \
         --threads 1 --out runs/race-digits
 
 Three methods, the same encoder size, the same in-memory images and augmentation, the same wall-clock budget:
@@ -26,7 +26,7 @@ in memory as uint8 (flips made on the fly); latents as float32. Writes OUT/resul
 and OUT/race.png.
 
 At the paper's token ratio (a pixel token a quarter of a latent token's area), the default pixel patch:
-    python tools/race.py --dataset fashion-mnist --vae runs/vae-fashion --minutes 4 --seeds 3 --probes 3 \
+    python -m lab.race --dataset fashion-mnist --vae runs/vae-fashion --minutes 4 --seeds 3 --probes 3 \
         --probe-train 5000 --probe-val 2000 --threads 1 --out runs/race-fashion
     # 32 px: pixel MAE on 64 tokens (patch 4), the latents on 16 (8 x 8, patch 2); docs/race.md has its numbers
 """
@@ -40,13 +40,13 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # runnable as `python tools/race.py` from anywhere
+import torch
 
-import torch  # noqa: E402
+import lab
+import lmd
+from util import cli, datasets, devices, optim, probes, sampling, vaes
 
-import lmd  # noqa: E402
-from util import cli, datasets, devices, optim, pretraining, probes, sampling, vaes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository: tools/train_vae.py
 
 # The laptop recipe of the README (tiny model, unnormalised targets), the same for the three methods.
 DEFAULTS = dict(model="tiny", batch_size=64, base_lr=1.5e-3, weight_decay=0.05, warmup_fraction=0.05, probes=8)
@@ -161,15 +161,14 @@ def new_model(data, seed, device):
 
 def train_step(model, optimizer, data, schedule, step, progress, seed, batch_size, device):
     """One optimiser step of masked autoencoding at progress = training seconds / budget in [0, 1]: train.py's step
-    (pretraining.training_step) on this step's batch, with the learning rate of the same progress."""
+    (lab.optimizer_step) on this step's batch, with the learning rate of the same progress."""
     lr = optim.learning_rate(int(progress * LR_RESOLUTION), LR_RESOLUTION,
                              int(DEFAULTS["warmup_fraction"] * LR_RESOLUTION), data["lr"] * batch_size / 256)
     indices = sampling.batch_indices(step, len(data["train_labels"]), batch_size, seed)
     flips = sampling.step_generator(seed, step, stream="flips")   # its own stream, not a bit of the mask noise
     views = torch.randint(0, data["views"], (len(indices),), generator=flips)
-    loss, _ = pretraining.training_step(model, optimizer, batch_inputs(data, "train", indices, views, device),
-                                        schedule, min(progress, 1.0), lr, sampling.step_generator(seed, step,
-                                                                                                  device=device))
+    loss, _ = lab.optimizer_step(model, optimizer, batch_inputs(data, "train", indices, views, device), schedule,
+                                 min(progress, 1.0), lr, sampling.step_generator(seed, step, device=device))
     return loss
 
 
@@ -179,7 +178,7 @@ def make_optimizer(model):
 
 def synchronize(device):
     """Wait for the device's queued work, so the clock stops when a step has run, not when it was queued (as
-    tools/bench.py): CUDA and Apple's mps both run asynchronously."""
+    lab/bench.py): CUDA and Apple's mps both run asynchronously."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -545,7 +544,7 @@ def main(argv=None):
                    batch_size=args.batch_size, threads=torch.get_num_threads(),
                    probe_images={split: len(spaces["pixels"][f"probe_{split}"]) for split in ("train", "val")},
                    patch_size={space: data["patch_size"] for space, data in spaces.items()}, tokens=tokens(spaces),
-                   peak_rss_mb=peak_rss_mb(), command="python tools/race.py " + " ".join(argv or sys.argv[1:]))
+                   peak_rss_mb=peak_rss_mb(), command="python -m lab.race " + " ".join(argv or sys.argv[1:]))
     results.update(time_to_pixel_mae=time_ratios(results), speed_outliers=[
         dict(method=name, seed=seed, steps_per_second=speed, median=median)
         for name, seed, speed, median in speed_outliers(results)])

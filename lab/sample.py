@@ -1,11 +1,12 @@
 """
-Generate images from a diffusion run (train.py --objective ddpm, maskdm or umd) with DDIM, and judge them offline.
+Generate images from a diffusion run (python -m lab.train --objective ddpm, maskdm or umd) with DDIM, and judge
+them offline.
 
-    python sample.py --checkpoint runs/ddpm --out runs/ddpm/samples      # 500 images, 50 DDIM steps (UMD: 125, eta 1)
-    python sample.py --checkpoint runs/ddpm --out S --num-images 100 --sampling-steps 25 --seed 1
+    python -m lab.sample --checkpoint runs/ddpm --out runs/ddpm/samples   # 500 images, 50 DDIM steps (UMD: 125, eta 1)
+    python -m lab.sample --checkpoint runs/ddpm --out S --num-images 100 --sampling-steps 25 --seed 1
 
 Samples are decoded through the run's frozen VAE (pixels need none). Writes OUT/samples.png (the first 64, with a
-title saying what they are) and OUT/generation.json: util.judge's verdict (Frechet distance and KID on a small
+title saying what they are) and OUT/generation.json: lab.judge's verdict (Frechet distance and KID on a small
 classifier's features against the real validation split, with its floor, blur ceiling, fd_normalised, the VAE
 round trip of a latent run, noise reference and predicted-class histogram) plus how the samples were made
 (`sampling`: the sampler, steps, eta, seed and the batch size, which changes the samples when eta > 0).
@@ -19,24 +20,25 @@ import time
 
 import torch
 
-import relatives
-from relatives import diffusion
+from lab import OBJECTIVES
+from lab import diffusion
+from lab import pictures
 from util import checkpoints
 from util import cli
 from util import devices
-from util import pictures
 from util import vaes
+from util.objective import of
 
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. The sampler's (DDIM steps and eta) are the run's objective's: its record's `sampler`.
 DEFAULTS = dict(checkpoint=None, out=None, num_images=500, sampling_steps=None, eta=None, seed=0, batch_size=250,
                 grid_images=64, device="auto", judge=True)
 SAMPLER_HELP = "; ".join(f"{o.name}: {o.sampler['sampling_steps']} steps, eta {o.sampler['eta']:g}"
-                         for o in relatives.REGISTRY.values() if o.sampler)
+                         for o in OBJECTIVES.values() if o.sampler)
 
 
 def build_parser():
-    parser = cli.ArgumentParser(description="DDIM samples of a diffusion run, judged offline (util.judge).")
+    parser = cli.ArgumentParser(description="DDIM samples of a diffusion run, judged offline (lab/judge.py).")
     parser.add_argument("--checkpoint", required=True, metavar="RUN", help="a train.py run directory (or its "
                         "checkpoint.pt) of a diffusion objective")
     parser.add_argument("--out", required=True, metavar="DIR", help="where samples.png and generation.json go")
@@ -48,7 +50,7 @@ def build_parser():
     parser.add_argument("--batch-size", type=int, help="images sampled at once (default: %(default)s)")
     parser.add_argument("--grid-images", type=int, help="images in OUT/samples.png (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="'auto': cuda, then mps, then cpu")
-    parser.add_argument("--judge", action=argparse.BooleanOptionalAction, help="judge the samples with util.judge "
+    parser.add_argument("--judge", action=argparse.BooleanOptionalAction, help="judge the samples with lab/judge.py "
                         "and write generation.json; --no-judge writes the grid only (default: %(default)s)")
     parser.set_defaults(**DEFAULTS)
     return parser
@@ -58,12 +60,12 @@ def load_run(path, device):
     """A diffusion run's (config, step, model in eval mode, projection); an LMD run is refused in one line."""
     checkpoint = checkpoints.load_checkpoint(path)
     config = checkpoint["config"]
-    objective = relatives.of(config)
+    objective = of(config, OBJECTIVES)
     if objective.sampler is None:
         raise cli.UserError(f"{path!r} is an {objective.name} run, which cannot generate; train a diffusion model, "
-                            f"e.g. python train.py --objective ddpm --init {path} ...")
+                            f"e.g. python -m lab.train --objective ddpm --init {path} ...")
     projection = vaes.open_projection(config["vae"], device)
-    model = checkpoints.build_model(config, projection)
+    model = checkpoints.build_model(config, projection, objective)
     checkpoints.load_model_state(model, checkpoint["model"], path)
     return config, checkpoint["step"], model.to(device).eval(), projection
 
@@ -89,7 +91,7 @@ def main(argv=None):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(flags, flag)})")
     device = devices.select_device(flags.device)
     config, step, model, projection = load_run(flags.checkpoint, device)
-    for flag, value in relatives.of(config).sampler.items():
+    for flag, value in of(config, OBJECTIVES).sampler.items():
         if getattr(flags, flag) is None:   # not given: the run's objective's sampler
             setattr(flags, flag, value)
     started = time.time()
@@ -110,7 +112,7 @@ def main(argv=None):
     if not flags.judge:
         return None
     try:
-        from util import judge
+        from lab import judge
     except ImportError as error:
         raise cli.UserError(f"the offline judge could not be loaded ({error}); the grid is written: {grid}; "
                             "rerun with --no-judge to skip judging") from None

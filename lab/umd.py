@@ -9,7 +9,7 @@ representations and for generation. Every batch is cut in two halves, each its o
     3. the loss          L = (1 - r) * (eps loss + x0 loss) / 2 + r * clean loss, r = 0.5
 
 The parts are lmd.py's (patches, per-sample random masking, blocks, position embeddings, the masked-token loss) and
-relatives/diffusion.py's (the noise schedule, adaLN-Zero time conditioning in encoder and decoder, DDIM): this file
+lab/diffusion.py's (the noise schedule, adaLN-Zero time conditioning in encoder and decoder, DDIM): this file
 only says which tokens each half sees and on which each head is scored. What reads the model afterwards:
 - the probes (finetune.py) read the encoder at model time 0, with no noise and no mask: lmd.LatentClassifier calls
   encode_tokens without a time, which diffusion.DiffusionViT takes as clean;
@@ -25,8 +25,8 @@ for every objective here.
 import torch
 
 import lmd
-from relatives import diffusion
-from relatives.objective import Objective, fixed_ratio, flag
+from lab import diffusion
+from util.objective import Objective, flag
 
 # The paper's ratios; each is a train.py flag (--clean-share, --clean-mask-ratio, --mask-ratio).
 CLEAN_SHARE = 0.5          # r: the share of every batch that is clean, and the clean loss's weight
@@ -121,7 +121,7 @@ def schedule(config):
     """The noised half's fixed ratio, 0 allowed (generation fine-tuning)."""
     if not 0 <= config["mask_ratio"] < 1:
         raise lmd.ConfigError(f"UMD's mask ratio {config['mask_ratio']} must lie in [0, 1)")
-    return fixed_ratio(config)
+    return diffusion.fixed_ratio(config)
 
 
 # Its batch of 128 is two halves of 64, so that its noised half is ddpm's batch (peak lr 4e-3 by the same base lr;

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-import relatives
 from util.cli import UserError
 from util.datasets import check_geometry
+from util.objective import of
 
 
 def save_atomic(obj, path):
@@ -85,19 +85,19 @@ def load_model_state(model, state_dict, path):
                         "check --model, --patch-size, --image-size and --vae") from None
 
 
-def build_model(config, projection):
-    """The model a run config describes (objective, model, image_size, patch_size): LMD's masked latent ViT, or one
-    of its relatives (relatives.build_model)."""
+def build_model(config, projection, objective):
+    """The network of a run config (model, image_size, patch_size, the objective's own keys) and its `objective`
+    (LMD's masked latent ViT, or a relative's)."""
     grid = check_geometry(config["image_size"], projection.downsample, config["patch_size"])
-    return relatives.build_model(config, grid, projection.channels)
+    return objective.build(config, grid, projection.channels)
 
 
 # What --init must agree on: the same latent space and the same token layout.
 INIT_MUST_MATCH = ("vae", "image_size", "patch_size", "model")
 
 
-def load_init(model, path, config):
-    """--init RUN: copy the weights of an earlier run (any objective) into a new run's `model`. -> a record of it.
+def load_init(model, path, config, objectives):
+    """--init RUN: copy the weights of an earlier run (of one of `objectives`) into a new run's `model`. -> a record.
 
     From an LMD run only the encoder is taken (its decoder learned to fill in masked tokens, not to denoise); from
     a diffusion run (ddpm, MaskDM stage 1) every tensor whose name and shape fit. What is not copied (the time
@@ -109,7 +109,7 @@ def load_init(model, path, config):
         if source.get(key) != config.get(key):
             raise UserError(f"--init {path!r} was trained with --{key.replace('_', '-')} {source.get(key)}, this run "
                             f"has {config.get(key)}; use the same value")
-    objective = relatives.of(source)
+    objective = of(source, objectives)
     own, decoder_parts = model.state_dict(), tuple(model.DECODER_PARTS)
     taken = {name: tensor for name, tensor in checkpoint["model"].items()
              if name in own and own[name].shape == tensor.shape

@@ -1,13 +1,11 @@
-"""
-What an objective is, in one record: everything train.py, finetune.py, sample.py, util/ and tools/ need to know
-about a way of pretraining the masked latent ViT. They ask the record and never compare an objective's name, so a
-new objective is one new file in relatives/ that ends with `OBJECTIVE = Objective(...)` (docs/forking.md).
-"""
+"""What train.py and finetune.py ask of a pretraining objective, in one record. LMD's record is in train.py; the lab
+(lab/__init__.py) adds its relatives' (ddpm, MaskDM, UMD) and passes them in: train.main(argv, objectives=...).
+The core asks the record and never compares an objective's name."""
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-import lmd
+from util.cli import UserError
 
 
 @dataclass
@@ -24,12 +22,6 @@ def flag(default, help, **argparse):
     return Flag(default, help, argparse)
 
 
-def fixed_ratio(config):
-    """The schedule of an objective that masks a fixed share of tokens all along: its --mask-ratio."""
-    ratio = config["mask_ratio"]
-    return lambda progress: ratio
-
-
 @dataclass
 class Objective:
     """An objective of train.py --objective NAME.
@@ -39,19 +31,22 @@ class Objective:
     build            (config, grid, channels) -> the network, an nn.Module with train.py's training call
                      model(latents, mask_ratio, normalize_targets, generator=...) -> (loss, predictions, mask)
     schedule         config -> the mask ratio as a function of training progress in [0, 1]; it raises
-                     lmd.ConfigError for a setting that cannot work (a ratio outside what the model accepts)
+                     lmd.ConfigError for a setting that cannot work
     flags            its own train.py flags {config key: Flag}; the other objectives' flags are refused with it
     defaults         its values for train.py's shared flags where they differ from LMD's (batch size, lr, ...)
     held_out_ratio   config -> the ratio of the held-out loss (None: the schedule's ratio at the end of training)
     loss_name        what its loss is, in words ("masked-token loss", "eps loss")
     held_out_key     the held-out loss's name in summary.json and eval.json
-    sampler          how sample.py samples it: dict(sampling_steps, eta) of DDIM; None: it cannot generate
-    grid             what its grid pictures show: "reconstructions" (of masked validation images) or "samples"
+    sample_grid      (model, projection, config) -> the writer of its grid pictures when they are generated samples;
+                     None: reconstructions of masked validation images (util/pictures.GridWriter)
+    sampler          how the lab's sampler samples it: dict(sampling_steps, eta) of DDIM; None: it cannot generate
     describe         config -> its masking and noise in a few words, for the line a run starts with
     decoder_transfers  whether --init from one of its runs takes the decoder too (LMD's fills in masked tokens:
                      no use to a denoiser, so only its encoder is taken)
     lowest_time      config -> the model time of the least noisy input its encoder was trained on: None (no time
                      input), 0 (clean) or 1 (noise level 0); the probes read the encoder there
+    probe_inputs     (latents, time, indices, seed) -> (inputs, times [B]): the encoder's input at model `time`
+                     (noised with each image's own noise); None: an objective without a time input
     """
     name: str
     summary: str
@@ -62,11 +57,12 @@ class Objective:
     held_out_ratio: Optional[Callable] = None
     loss_name: str = "masked-token loss"
     held_out_key: str = "held_out_loss"
+    sample_grid: Optional[Callable] = None
     sampler: Optional[dict] = None
-    grid: str = "reconstructions"
     describe: Callable = lambda config: ""
     decoder_transfers: bool = True
     lowest_time: Callable = lambda config: None
+    probe_inputs: Optional[Callable] = None
 
     def mask_ratio_held_out(self, config):
         """The ratio the held-out loss is measured at (runs of one objective compare at it)."""
@@ -77,5 +73,12 @@ class Objective:
         return {**self.defaults, **{key: own.default for key, own in self.flags.items()}}
 
 
-class UnknownObjective(lmd.ConfigError):
-    """A run or a flag names an objective that no module in relatives/ declares."""
+def of(config, objectives):
+    """The record of a run's config among `objectives` {name: Objective} (runs from before --objective existed are
+    LMD runs); an objective that this script was not given (a relative, without the lab) is one line."""
+    name = config.get("objective", "lmd")
+    if name not in objectives:
+        raise UserError(f"the objective {name!r} is not one of this script's ({', '.join(objectives)}): the relatives "
+                        "(ddpm, maskdm, umd) are the lab's; run python -m lab.train or python -m lab.finetune, "
+                        "which take the same flags")
+    return objectives[name]

@@ -10,12 +10,11 @@ import os
 import torch
 
 import lmd
-import relatives
 from util.datasets import ImageDataset, load_image_source
 from util.sampling import step_generator
 
 
-GRID_MASK_RATIO = 0.75   # grids mask as much as the held-out loss does, whatever the schedule is at
+GRID_MASK_RATIO = lmd.MAE_MASK_RATIO   # grids mask as much as the held-out loss does, whatever the schedule
 GRID_LABEL_WIDTH, GRID_TITLE_HEIGHT = 200, 44   # pixels of the grid's row-label column and title strip
 GRID_MIN_SIDE = 96   # smaller images are drawn at a whole multiple of their size, so the labels stay readable
 
@@ -149,65 +148,11 @@ def save_reconstruction_grid(model, projection, images, path, normalize_targets=
     return path
 
 
-def save_sample_grid(images, path, title="", subtitle="", columns=8):
-    """Write generated images [N, 3, S, S] in [0, 1] as one PNG: a title strip (`title`, `subtitle`), then the
-    images in rows of `columns`, drawn k times larger (k whole, the least with k*S >= GRID_MIN_SIDE)."""
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-    grid = make_grid(images.float().cpu(), nrow=columns, padding=2, pad_value=1.0)
-    scale = -(-GRID_MIN_SIDE // images.shape[-1])
-    pixels = Image.fromarray(grid.mul(255).round().byte().permute(1, 2, 0).numpy())
-    pixels = pixels.resize((pixels.width * scale, pixels.height * scale), Image.NEAREST)
-    canvas = Image.new("RGB", (max(pixels.width, 640), GRID_TITLE_HEIGHT + pixels.height), "white")
-    canvas.paste(pixels, (0, GRID_TITLE_HEIGHT))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((8, 4), title, fill="black", font=ImageFont.load_default(size=15))
-    draw.text((8, 24), subtitle, fill="dimgray", font=ImageFont.load_default(size=12))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp-{os.getpid()}"               # never leave half a PNG behind
-    canvas.save(temporary, format="png")
-    os.replace(temporary, path)
-    return path
-
-
-def space_name(projection):
-    """'pixels', or the VAE's name (a local directory by its last part; marked when it is untrained)."""
-    if projection.is_pixels:
-        return "pixels"
-    name = os.path.basename(projection.name.rstrip("/")) if os.path.isdir(projection.name) else projection.name
-    return f"{name} latents" + ("" if projection.trained else " (UNTRAINED VAE: its latents mean nothing)")
-
-
-SAMPLE_GRID_IMAGES, SAMPLE_GRID_STEPS = 16, 50   # a diffusion run's grids: this many DDIM samples, of this many steps
-
-
-class SampleGridWriter:
-    """OUT/grid_{name}.png for a diffusion objective: SAMPLE_GRID_IMAGES DDIM samples (SAMPLE_GRID_STEPS steps,
-    eta 0) from the same starting noise at every grid, so the grids of a run show its progress. Their generator is
-    their own: resume stays exact."""
-
-    def __init__(self, model, projection, config):
-        self.model, self.projection, self.config = model, projection, config
-        self.count, self.steps = SAMPLE_GRID_IMAGES, SAMPLE_GRID_STEPS
-
-    def __call__(self, name, step):
-        from relatives import diffusion
-        device = next(self.model.parameters()).device
-        generator = step_generator(self.config["seed"], -1, device=device)
-        images = diffusion.sample_images(self.model, self.projection, self.count, self.steps, 0.0, generator, device)
-        config = self.config
-        title = f"{config['objective']} on {space_name(self.projection)}, {config['dataset']}: step {step:,} of " \
-                f"{config['steps']:,}"
-        return save_sample_grid(images, os.path.join(config["out"], f"grid_{name}.png"), title,
-                                f"{self.count} DDIM samples ({self.steps} steps, eta 0), the same starting noise at "
-                                "every step")
-
-
-def grid_writer(model, projection, config):
+def grid_writer(model, projection, config, objective):
     """The run's grid, as its objective's record says: reconstructions of masked images (LMD), or generated samples
-    (the diffusion objectives)."""
-    if relatives.of(config).grid == "samples":
-        return SampleGridWriter(model, projection, config)
+    (the lab's diffusion objectives: their record's sample_grid)."""
+    if objective.sample_grid:
+        return objective.sample_grid(model, projection, config)
     return GridWriter(model, projection, config)
 
 
@@ -236,7 +181,7 @@ def read_metrics(path):
         return [json.loads(line) for line in file if line.strip()]
 
 
-def plot_curves(metrics_path, path):
+def plot_curves(metrics_path, path, objective):
     """Two panels from OUT/metrics.jsonl: the training loss and the held-out loss at ratio 0.75 (its `held_out_loss`
     records, and the final one of OUT/summary.json beside it when that is this run's last step) against the step;
     and the mask ratio against the step."""
@@ -248,7 +193,7 @@ def plot_curves(metrics_path, path):
     if os.path.exists(summary_path) and steps:
         with open(summary_path) as file:
             summary = json.load(file)
-        final = next((summary[o.held_out_key] for o in relatives.REGISTRY.values() if o.held_out_key in summary), None)
+        final = summary.get(objective.held_out_key)
         if summary.get("step") == steps[-1] and final is not None and (not held_out or held_out[-1][0] != steps[-1]):
             held_out.append((summary["step"], final))
     # The loss is the objective's (masked-token MSE, eps-MSE); its held-out loss is measured at the record's ratio.
@@ -256,7 +201,6 @@ def plot_curves(metrics_path, path):
     if os.path.exists(config_path):
         with open(config_path) as file:
             config = json.load(file)
-    objective = relatives.of(config)
     what = objective.loss_name
     held_out_label = f"held-out (validation, at ratio {objective.mask_ratio_held_out(config)})"
     figure = Figure(figsize=(10, 3.6), layout="constrained")
@@ -276,12 +220,14 @@ def plot_curves(metrics_path, path):
     return path
 
 
-def plot_schedules(path, start=0.15, end=0.75, mid=0.40, ramp=2 / 3, constant_ratio=0.75, schedules=None):
+def plot_schedules(path, ramp_fraction=lmd.MaskSchedule.ramp_fraction, schedules=None):
     """Mask-ratio schedules over training progress 0..1, on one set of axes: `schedules` {label: function of
-    progress}, any number of them (default: the four of MaskSchedule), with the end of MaskSchedule's ramp marked."""
+    progress}, any number of them (default: the four of MaskSchedule, at its defaults and `ramp_fraction`), with
+    the end of the ramp marked."""
     from matplotlib.figure import Figure
     if schedules is None:
-        schedules = {name: lmd.MaskSchedule(name, start, end, mid, ramp, constant_ratio) for name in lmd.SCHEDULERS}
+        schedules = {name: lmd.MaskSchedule(name, ramp_fraction=ramp_fraction) for name in lmd.SCHEDULERS}
+    ramp = ramp_fraction
     progress = [i / 300 for i in range(301)]
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     axes = figure.subplots()

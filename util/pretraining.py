@@ -1,6 +1,5 @@
-"""The pieces of a pretraining run around train.py's loop: the training step itself (train.py and tools/race.py
-both call it), resuming a run, its directory and metrics file, stop requests, the batches of each step, the
-held-out loss and the non-finite check."""
+"""The pieces of a pretraining run around train.py's loop: resuming a run, its directory and metrics file, stop
+requests, the batches of each step, the held-out loss and the non-finite check."""
 
 import json
 import math
@@ -10,7 +9,6 @@ import sys
 
 import torch
 
-import relatives
 from util import checkpoints
 from util import datasets
 from util import devices
@@ -19,26 +17,6 @@ from util import pictures
 from util import sampling
 from util import vaes
 from util.cli import UserError
-
-
-def training_step(model, optimizer, latents, schedule, progress, lr, generator, normalize_targets=False,
-                  autocast=None):
-    """One optimiser step of any objective at training progress in [0, 1] -> (loss [], detached; the mask ratio).
-
-    latents [B, C, h, w]: this step's batch; schedule: the objective's mask ratio as a function of progress (its
-    record's); generator: this step's own, for the masks, times and noise (a resumed run draws what it would have);
-    autocast: the dtype of mixed precision, or None. Distribution, stop signals, non-finite checks and logging are
-    the caller's.
-    """
-    mask_ratio = schedule(progress)                       # the curriculum: how much of each latent to hide now
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with torch.autocast(latents.device.type, dtype=autocast, enabled=autocast is not None):
-        loss, _, _ = model(latents, mask_ratio, normalize_targets, generator=generator)   # the objective's loss
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), mask_ratio
 
 
 def resumed_run(flags, given, overrides):
@@ -60,7 +38,7 @@ def resumed_run(flags, given, overrides):
     return config, checkpoint
 
 
-def start_run_directory(config, model, dist, start_step):
+def start_run_directory(config, model, dist, start_step, objective):
     """Write config.json, trim metrics.jsonl back to the checkpoint, and announce the run (rank 0 only)."""
     os.makedirs(config["out"], exist_ok=True)
     if not dist.is_main:
@@ -68,7 +46,6 @@ def start_run_directory(config, model, dist, start_step):
     with open(os.path.join(config["out"], "config.json"), "w") as file:
         json.dump(config, file, indent=2)
     keep_metrics_before(os.path.join(config["out"], "metrics.jsonl"), start_step)
-    objective = relatives.of(config)
     masking = objective.describe(config)
     print(f"{objective.name.upper()}: {config['model']} model, {model.num_tokens} tokens of {model.patch_size}x"
           f"{model.patch_size}x{model.channels}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
@@ -181,25 +158,20 @@ def seeded_batches(config, num_items, dist, start_step):
         yield [(int(i), sampling.augmentation_seed(seed, step, int(i))) for i in indices]
 
 
-def held_out_loss(projection, config, device):
-    """The run's held-out loss: its objective's loss at the record's held-out ratio (LMD: the masked-token loss at
-    0.75; the diffusion objectives: the eps loss at their own ratio)."""
-    return HeldOutLoss(projection, config, device, config["eval_images"],
-                       relatives.of(config).mask_ratio_held_out(config))
-
-
 class HeldOutLoss:
-    """The masked-token loss on the first `num_images` validation images, un-augmented, at ratio 0.75 and with a
-    fixed mask seed: the number that compares runs (and steps of one run) whatever their schedules.
+    """The objective's loss on the first --eval-images validation images, un-augmented, at the objective's held-out
+    ratio (LMD: the masked-token loss at 0.75) and with a fixed mask seed: the number that compares runs (and steps
+    of one run) whatever their schedules.
 
     The images are encoded once, on the first call, and kept on the CPU; each call after that is one forward pass
     per 64 images. The masks come from their own generator and no DataLoader draws a seed, so an evaluation in the
     middle of training leaves every random stream of the run as it was (resume stays exact).
     """
 
-    def __init__(self, projection, config, device, num_images=256, mask_ratio=0.75):
-        self.projection, self.config, self.device = projection, config, device
-        self.num_images, self.mask_ratio, self.latents = num_images, mask_ratio, None
+    def __init__(self, projection, config, device, objective):
+        self.projection, self.config, self.device, self.objective = projection, config, device, objective
+        self.num_images, self.mask_ratio = config["eval_images"], objective.mask_ratio_held_out(config)
+        self.latents = None
 
     @torch.no_grad()
     def _encode(self):
@@ -231,11 +203,11 @@ class HeldOutLoss:
 
     def words(self):
         """What the held-out loss is, in words."""
-        return f"held-out {relatives.of(self.config).loss_name} at mask ratio {self.mask_ratio}"
+        return f"held-out {self.objective.loss_name} at mask ratio {self.mask_ratio}"
 
     def record(self, loss):
         """{name: value} for summary.json and eval.json, under the objective's name for it."""
-        return {relatives.of(self.config).held_out_key: loss, "held_out_mask_ratio": self.mask_ratio}
+        return {self.objective.held_out_key: loss, "held_out_mask_ratio": self.mask_ratio}
 
 
 def check_finite(losses, done, non_finite_anywhere, last_saved, out):
@@ -253,13 +225,13 @@ def check_finite(losses, done, non_finite_anywhere, last_saved, out):
                     "lower --lr or use --precision fp32")
 
 
-def evaluate_saved_run(model, projection, config, dist, step):
+def evaluate_saved_run(model, projection, config, dist, step, objective):
     """train.py --eval-only: RUN/grid_eval.png and RUN/eval.json for the checkpoint's weights; nothing else."""
     if not dist.is_main:
         return
-    held_out = held_out_loss(projection, config, dist.device)
+    held_out = HeldOutLoss(projection, config, dist.device, objective)
     loss = held_out(model)
-    grid = pictures.grid_writer(model, projection, config)("eval", step)
+    grid = pictures.grid_writer(model, projection, config, objective)("eval", step)
     result = dict(step=step, steps=config["steps"], **held_out.record(loss), eval_images=config["eval_images"],
                   grid=grid)
     with open(os.path.join(config["out"], "eval.json"), "w") as file:

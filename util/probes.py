@@ -10,8 +10,9 @@ work on those:
   90 epochs. On cached features an epoch is a few matrix products, so the probe converges in seconds.
 The floors (finetune.py measures them in the same run): the LMD network of the same size and seed at random init,
 whatever the checkpoint's objective (an adaLN-Zero network starts as the identity: its own init gives every image
-the same class token, a floor at chance), and the raw pixels, flattened (split_pixels). A diffusion encoder is read
-at a model time (at_time): 0, clean, and 1, the lowest noise level of training.
+the same class token, a floor at chance), and the raw pixels, flattened (split_pixels). A diffusion encoder (the
+lab's) is read at a model time, through its record's probe_inputs: 0, clean, and 1, the lowest noise level of
+training.
 And what finetune.py measures of any classifier: its top-1 accuracy, its inference throughput.
 """
 
@@ -20,8 +21,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-import relatives
-from relatives import diffusion
 from util import devices
 from util import vaes
 from util.optim import learning_rate
@@ -30,34 +29,11 @@ FLOOR_NETWORK = "lmd"        # every objective's floor: the LMD network of the s
 READINGS = ("cls", "mean")   # the class token (MAE's linear probe); the mean patch token (MAE's global_pool)
 
 
-def lowest_trained_time(config):
-    """The model time of the least noisy input a pretraining config's encoder was trained on -> None (LMD: no
-    time), 0 (clean: UMD's clean half, when it has one) or 1 (noise level 0: ddpm and MaskDM, which are only ever
-    told t + 1 >= 1)."""
-    return relatives.of(config).lowest_time(config)
-
-
-def image_noise(shape, indices, seed):
-    """Standard normal noise [B, *shape], image i's drawn by a generator of its own (seed, i): the same in any
-    batch, on any number of processes, for both views of an image."""
-    seeds = [(seed * 0x9E3779B1 + int(i)) % 2**32 for i in indices]   # a generator reads 32 bits of its seed
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-
-
-def at_time(latents, time, indices, seed):
-    """latents [B, C, H, W] of images `indices` [B] -> (inputs [B, C, H, W], model time [B] or None).
-
-    time None: as they are, no time (an LMD encoder has none); 0: clean, at model time 0; k >= 1: noised at level
-    k - 1 (x = sqrt(a) x0 + sqrt(1 - a) eps, as in training; level 0 on the cosine schedule: sqrt(1 - a) = 0.0064)
-    with each image's own noise (image_noise), at model time k.
-    """
-    if time is None:
-        return latents, None
-    times = torch.full((len(latents),), time, device=latents.device)
-    if time == 0:
-        return latents, times
-    noise = image_noise(latents.shape[1:], indices, seed).to(latents.device, latents.dtype)
-    return diffusion.add_noise(latents, noise, times - 1), times
+def lowest_trained_time(config, objective):
+    """The model time of the least noisy input a pretraining config's encoder was trained on (its record's
+    lowest_time) -> None (LMD: no time), 0 (clean: UMD's clean half, when it has one) or 1 (noise level 0: ddpm and
+    MaskDM, which are only ever told t + 1 >= 1)."""
+    return objective.lowest_time(config)
 
 
 def probe_features(encoder, latents, reading="cls", time=None):
@@ -72,14 +48,17 @@ def probe_features(encoder, latents, reading="cls", time=None):
 
 
 @torch.no_grad()
-def encoder_features(classifier, batches, reading="cls", time=None, indices=None, seed=0):
+def encoder_features(classifier, batches, reading="cls", time=None, indices=None, seed=0, probe_inputs=None):
     """Probe features of every batch: batches yields (inputs [B, C, h, w], labels [B]) -> features [N, width] on
     the CPU (float32), labels [N]. The encoder is classifier.encoder (an lmd.LatentClassifier's), read at model
-    `time` (at_time; time >= 1 needs each batch's image indices, for the noise)."""
+    `time` through its objective's probe_inputs (a diffusion encoder's; time >= 1 needs each batch's image indices,
+    for the noise). time None: the latents as they are (an LMD encoder has no time input)."""
     classifier.eval()
     features, labels = [], []
     for position, (inputs, label) in enumerate(batches):
-        inputs, times = at_time(inputs, time, None if indices is None else indices[position], seed)
+        times = None
+        if time is not None:
+            inputs, times = probe_inputs(inputs, time, None if indices is None else indices[position], seed)
         features.append(probe_features(classifier.encoder, inputs, reading, times).float().cpu())
         labels.append(label.cpu())
     return torch.cat(features), torch.cat(labels)
@@ -97,13 +76,13 @@ def gather_split(features, labels, count, dist):
     return tuple(g[order][:count] for g in gathered)
 
 
-def split_features(classifier, data, dist, flips, reading="cls", time=None, seed=0):
+def split_features(classifier, data, dist, flips, reading="cls", time=None, seed=0, probe_inputs=None):
     """Probe features of a whole split (a latent_cache.Split) at model `time`, each process computing every
     world_size-th image, then gathered: -> features [N, len(flips), width] (one view per flip value), labels [N]."""
     mine = torch.arange(dist.rank, len(data), dist.world_size)
     chunks = mine.split(256)
     views = [encoder_features(classifier, data.batches(chunks, [torch.full((len(c),), flip) for c in chunks]),
-                              reading, time, chunks, seed) for flip in flips]
+                              reading, time, chunks, seed, probe_inputs) for flip in flips]
     return gather_split(torch.stack([v[0] for v in views], dim=1), views[0][1], len(data), dist)
 
 
@@ -215,27 +194,27 @@ def summarise(history):
     return dict(best=history[best]["top1"], final=history[-1]["top1"], best_epoch=history[best]["epoch"])
 
 
-def probe_plan(config):
+def probe_plan(config, objective):
     """The encoders a knn or linprobe run measures, for a pretraining config -> {name: (init, network, time)}:
     init 'pretrained' or 'scratch' (random), network the objective whose network is built (None: the checkpoint's),
-    time the model time it is read at (at_time; None: an LMD network, which has none).
+    time the model time it is read at (the record's probe_inputs; None: an LMD network, which has none).
 
     - the pretrained encoder: an LMD one as it is; a diffusion one at model time 0 (clean) and at 1 (noise level 0)
     - 'random_init': the LMD network of the same size and seed at random init, the floor of every objective
     - 'own_init': a diffusion objective's own random init, where it differs (adaLN-Zero: at chance for 'cls')
     """
-    lowest = lowest_trained_time(config)
+    lowest = lowest_trained_time(config, objective)
     if lowest is None:
         return {"pretrained": ("pretrained", None, None), "random_init": ("scratch", FLOOR_NETWORK, None)}
     return {"time0": ("pretrained", None, 0), "time1": ("pretrained", None, 1),
             "random_init": ("scratch", FLOOR_NETWORK, None), "own_init": ("scratch", None, lowest)}
 
 
-def result_fields(measured, config):
+def result_fields(measured, config, objective):
     """{name: (summary, history)} of probe_plan's names and 'raw_pixels' -> the results.json fields: `top1` and
     `history` (the pretrained encoder at its lowest trained time, `probe_time`), then `<name>_top1` and
     `<name>_history` for the rest; `scratch_top1`, the floor's older name, kept for older readers."""
-    probe_time = lowest_trained_time(config)
+    probe_time = lowest_trained_time(config, objective)
     headline = "pretrained" if probe_time is None else f"time{probe_time}"
     fields = dict(top1=measured[headline][0], history=measured[headline][1], probe_time=probe_time)
     for name, (summary, history) in measured.items():
