@@ -98,7 +98,7 @@ def build_parser():
                                                        "parallel calls, then one call over all reads them all "
                                                        "(default: %(default)s)")
     parser.add_argument("--rows", help=f"comma-separated, of {', '.join(ROWS)} (default: %(default)s)")
-    parser.add_argument("--features", choices=finetune.probes.READINGS,
+    parser.add_argument("--features", choices=probes.READINGS,
                         help="what every probe reads, as finetune.py's --features: 'cls' the class token, 'mean' "
                              "the mean patch token; runs probed with the other are probed again (default: "
                              "%(default)s)")

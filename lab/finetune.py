@@ -6,6 +6,9 @@ from lab import OBJECTIVES
 from util import cli
 
 
+build_parser = finetune.build_parser   # the same flags
+
+
 def main(argv=None):
     return finetune.main(argv, objectives=OBJECTIVES)
 

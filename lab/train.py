@@ -7,6 +7,10 @@ from lab import OBJECTIVES
 from util import cli
 
 
+def build_parser():
+    return train.build_parser(OBJECTIVES)
+
+
 def main(argv=None):
     return train.main(argv, objectives=OBJECTIVES)
 

@@ -19,7 +19,7 @@ from util import latent_cache
 from util import pretraining
 from util import sampling
 import train
-from conftest import ROOT
+from support import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 PIXEL_CACHE = dict(dataset="synthetic", image_size=16, vae="none", synthetic_size=64, num_workers=0)
@@ -111,7 +111,7 @@ import os, signal, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
 import torch
 import train
-from conftest import tiny_flags
+from support import tiny_flags
 from util import cli, devices, pretraining
 dist = devices.Distributed("cpu")
 out = {out!r}
@@ -147,8 +147,8 @@ def signal_rank_1(self, step):
         os.kill(os.getpid(), signal.SIGTERM)
     return latents(self, step)
 pretraining.TrainingBatches.latents = signal_rank_1
-stopped_at, train_steps = [], train.train_steps
-train.train_steps = lambda *args: stopped_at.append(train_steps(*args)) or stopped_at[-1]
+stopped_at, train_loop = [], train.train_loop
+train.train_loop = lambda *args: stopped_at.append(train_loop(*args)) or stopped_at[-1]
 train.main(tiny_flags({data!r}, os.path.join(out, "stop"), steps=9, log_every=4, save_every=100))
 say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
 """

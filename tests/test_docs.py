@@ -1,8 +1,10 @@
-"""The docs say what the code does: every command in README.md and docs/*.md parses with its own script's parser
-(torchrun's flags with torchrun's), and docs/flags.md is what tools/make_flag_reference.py writes today."""
+"""The docs say what the code does: every command in README.md, docs/*.md and lab/docs/*.md parses with its own
+script's parser (torchrun's flags with torchrun's; `python -m lab.X` with the lab module's), and docs/flags.md is
+what tools/make_flag_reference.py writes today. Without the lab folder its commands are not parsed."""
 
 import contextlib
 import glob
+import importlib
 import io
 import os
 import re
@@ -11,13 +13,15 @@ import shlex
 import pytest
 
 import make_flag_reference
-from conftest import ROOT
+from support import ROOT
 
-DOCS = ["README.md", *sorted(os.path.relpath(path, ROOT) for path in glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+DOCS = ["README.md", *sorted(os.path.relpath(path, ROOT) for folder in ("docs", "lab/docs")
+                             for path in glob.glob(os.path.join(ROOT, folder, "*.md")))]
+HAS_LAB = os.path.isdir(os.path.join(ROOT, "lab"))
 # A script that the docs name before it is written, with the reason. Empty: every script the docs run must exist.
 NOT_YET_WRITTEN = {}
 # Scripts that hand the flags they do not know to another script (after `--`): those must parse there.
-PASSES_ON = {"tools/ablation.py": "train.py"}
+PASSES_ON = {"-m lab.ablation": "-m lab.train"}
 
 
 def shell_commands(text):
@@ -66,12 +70,14 @@ def expand(argv, scalars, arrays):
 
 
 def script_and_arguments(argv):
-    """(script path, its arguments) of a `python X.py ...` command, ("torchrun", its arguments) of a torchrun one
-    that starts a script, or None for any other command."""
+    """(script path, its arguments) of a `python X.py ...` command, ("-m lab.X", its arguments) of a lab module's,
+    ("torchrun", its arguments) of a torchrun one that starts a script, or None for any other command."""
     while argv and ("=" in argv[0] and not argv[0].startswith("-") or argv[0] == "srun"):
         argv = argv[1:]                                     # VAR=value prefixes and srun
     if len(argv) >= 2 and argv[0] in ("python", "python3") and argv[1].endswith(".py"):
         return argv[1], argv[2:]
+    if len(argv) >= 3 and argv[0] in ("python", "python3") and argv[1] == "-m" and argv[2].startswith("lab."):
+        return f"-m {argv[2]}", argv[3:]
     if argv and argv[0] == "torchrun" and any(token.endswith(".py") for token in argv):
         return "torchrun", argv[1:]
     return None
@@ -82,6 +88,8 @@ def parser_of(path):
         if path == "torchrun":
             from torch.distributed.run import get_args_parser
             PARSERS[path] = get_args_parser()
+        elif path.startswith("-m "):
+            PARSERS[path] = importlib.import_module(path[3:]).build_parser()
         else:
             PARSERS[path] = make_flag_reference.load_script(path).build_parser()
     return PARSERS[path]
@@ -93,7 +101,10 @@ PARSERS = {}
 def command_error(path, arguments):
     """What is wrong with running the script `path` (or torchrun) with these arguments, in one line; None if they
     parse. torchrun's own flags go to torchrun's parser, the script's to the script's."""
-    if path != "torchrun" and not os.path.exists(os.path.join(ROOT, path)):
+    if path.startswith("-m lab.") and not HAS_LAB:
+        return None   # the lab's commands, in a copy without the lab
+    module_file = path[3:].replace(".", "/") + ".py" if path.startswith("-m ") else path
+    if path != "torchrun" and not os.path.exists(os.path.join(ROOT, module_file)):
         return None if path in NOT_YET_WRITTEN else f"no such script {path}"
     stderr = io.StringIO()
     try:
@@ -102,7 +113,9 @@ def command_error(path, arguments):
                 _, rest = parser_of(path).parse_known_args(arguments)
                 return command_error(PASSES_ON[path], [a for a in rest if a != "--"])
             parsed = parser_of(path).parse_args(arguments)
-    except SystemExit:
+    except SystemExit as exit_info:
+        if exit_info.code == 0:   # --help
+            return None
         return stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else "exit without a message"
     if path == "torchrun":
         return command_error(parsed.training_script, parsed.training_script_args)
@@ -159,27 +172,32 @@ A span across lines: `python tools/race.py --minutes 2
 
 
 def test_a_bad_command_is_caught():
-    assert "--out" in command_error("tools/race.py", ["--dataset", "digits", "--minutes", "2"])   # --out is required
-    assert "--no-such-flag" in command_error("tools/ablation.py", ["--out", "x", "--", "--no-such-flag"])   # train.py's
+    assert "--steps" in command_error("train.py", ["--steps", "many"])
+    assert "--no-such-flag" in command_error("finetune.py", ["--checkpoint", "R", "--no-such-flag"])
     assert "--steps" in command_error("torchrun", ["--nproc_per_node=2", "train.py", "--steps", "many"])
     assert "--nproc" in command_error("torchrun", ["--nproc=2", "train.py"])                # torchrun's own flags
     assert command_error("no_such_script.py", []) == "no such script no_such_script.py"
     assert command_error("torchrun", ["--nproc_per_node=2", "train.py", "--scheduler", "cosine"]) is None
+    if HAS_LAB:   # a lab module's own flags, and train.py's flags after the ablation's `--`
+        assert "--out" in command_error("-m lab.race", ["--dataset", "digits", "--minutes", "2"])   # --out is required
+        assert "--no-such-flag" in command_error("-m lab.ablation", ["--out", "x", "--", "--no-such-flag"])
 
 
 @pytest.mark.parametrize("doc", DOCS)
 def test_every_command_in_the_docs_parses(doc):
-    if doc != "docs/forking.md":
+    if doc.startswith("lab/") and not HAS_LAB:
+        pytest.skip("the lab's pages, without the lab")
+    if doc != "docs/forking.md" or not HAS_LAB:
         failures = invalid_commands(doc)
-    else:   # its commands run once its example is saved in relatives/: parsed with the example registered
-        import forked_objective
-        import relatives
-        relatives.register(forked_objective.OBJECTIVE)
+    else:   # its lab commands run once its example is saved in lab/: parsed with the example registered
+        lab = importlib.import_module("lab")   # only where the lab is
+        forked_objective = importlib.import_module("lab.tests.forked_objective")
+        lab.register(forked_objective.OBJECTIVE)
         PARSERS.clear()
         try:
             failures = invalid_commands(doc)
         finally:
-            relatives.REGISTRY.pop(forked_objective.OBJECTIVE.name)
+            lab.OBJECTIVES.pop(forked_objective.OBJECTIVE.name)
             PARSERS.clear()
     assert not failures, "\n".join(failures)
 
@@ -189,8 +207,8 @@ def test_the_readme_runs_the_main_scripts():
     with open(os.path.join(ROOT, "README.md")) as file:
         found = [script_and_arguments(argv) for _, argv in shell_commands(file.read())]
     scripts = {f[0] for f in found if f}
-    assert {"train.py", "finetune.py", "tools/race.py", "torchrun"} <= scripts, scripts
-    assert ("train.py", ["--scheduler", "cosine"]) in found
+    assert {"train.py", "finetune.py", "torchrun"} <= scripts, scripts
+    assert ("train.py", ["--scheduler", "cosine"]) in found and ("train.py", ["--dataset", "fashion-mnist"]) in found
 
 
 def test_the_flag_reference_is_current():

@@ -1,6 +1,5 @@
 """finetune.py: a short pretraining on real digits, then the probes (kNN and the cached-feature linear probe,
-each beside the floors: the same seed's random init of the LMD network, the raw pixels; a ddpm checkpoint's floor
-above its own chance-level init), fine-tuning end to end as a subprocess, and the clear errors for checkpoints that
+each beside the floors: the same seed's random init of the LMD network, the raw pixels), fine-tuning end to end as a subprocess, and the clear errors for checkpoints that
 do not fit. One test fails if pretraining stops helping."""
 
 import contextlib
@@ -22,7 +21,6 @@ from util import vaes
 from util import latent_cache
 from util import optim
 from util import probes as probe_util
-import relatives
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,29 +86,6 @@ def test_knn_results_carry_the_floors(run, knn):
     assert knn["raw_pixels_top1"]["final"] == 347 / 360  # raw-pixel kNN on the digits, 32 px (the notebook's 0.964)
 
 
-@pytest.fixture(scope="module")
-def ddpm_knn(run, knn):
-    """kNN of a ddpm checkpoint at its own init, saved directly (no training), of the digits run's seed and size."""
-    config = dict(checkpoints.load_checkpoint(str(run))["config"], objective="ddpm", out=str(run.parent / "ddpm"),
-                  **relatives.get("ddpm").run_defaults())
-    torch.manual_seed(config["seed"])
-    model = checkpoints.build_model(config, lmd.LatentProjection())
-    checkpoints.save_run(str(run.parent / "ddpm" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()),
-                         config["steps"], config, torch.device("cpu"))
-    return probe(run.parent / "ddpm", "knn", "--no-raw-pixels")
-
-
-def test_a_ddpm_checkpoints_floor_is_the_lmd_network_not_its_chance_level_init(knn, ddpm_knn):
-    """adaLN-Zero starts as the identity: every digit gets one class token, kNN at chance. The floor is the LMD
-    network of the same size and seed, the very floor of the LMD run."""
-    own, floor = ddpm_knn["own_init_top1"]["final"], ddpm_knn["random_init_top1"]["final"]
-    assert own < 0.15 and floor > own + 2 * probe_util.standard_error(floor, 360)
-    assert ddpm_knn["random_init_top1"] == knn["random_init_top1"]
-    # read at model time 0 (never trained) and 1 (noise level 0, trained): the table's is the lowest trained
-    assert ddpm_knn["probe_time"] == 1 and ddpm_knn["top1"] == ddpm_knn["time1_top1"] and "time0_top1" in ddpm_knn
-    assert "raw_pixels_top1" not in ddpm_knn                             # --no-raw-pixels
-
-
 def test_knn_votes_by_weighted_similarity():
     train_features = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
     train_labels = torch.tensor([0, 0, 1])
@@ -130,7 +105,7 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
                                      checkpoints.load_checkpoint(str(run))["config"])
     dist, projection = devices.Distributed("cpu"), vaes.load_projection("none")
     checkpoint = checkpoints.load_checkpoint(str(run))
-    classifier = finetune.build_classifier(config, checkpoint, projection, 10, "pretrained", True)
+    classifier = finetune.build_classifier(config, checkpoint, projection, 10, "pretrained", True, train.OBJECTIVES)
     (train_x, train_y), (val_x, val_y) = (probe_util.split_features(classifier, latent_cache.Split(config, split, projection,
                                           dist), dist, (0,)) for split in ("train", "val"))
     history = probe_util.linear_probe(train_x, train_y, val_x[:, 0], val_y)

@@ -96,24 +96,24 @@ def test_piecewise_and_linear_values():
 
 
 def test_scheduler_options_are_configurable():
-    schedule = lmd.MaskSchedule("linear", start=0.2, end=0.9, ramp=0.5)
+    schedule = lmd.MaskSchedule("linear", mask_start=0.2, mask_end=0.9, ramp_fraction=0.5)
     assert schedule(0.25) == pytest.approx(0.55) and schedule(0.5) == pytest.approx(0.9)
-    assert lmd.MaskSchedule("constant", constant_ratio=0.6)(0.3) == 0.6
+    assert lmd.MaskSchedule("constant", mask_ratio=0.6)(0.3) == 0.6
 
 
-@pytest.mark.parametrize("kwargs", [dict(name="exponential"), dict(start=0.0), dict(end=1.0), dict(mid=1.0),
-                                    dict(constant_ratio=1.5), dict(ramp=0.0), dict(ramp=1.5)])
+@pytest.mark.parametrize("kwargs", [dict(scheduler="exponential"), dict(mask_start=0.0), dict(mask_end=1.0), dict(mask_plateau=1.0),
+                                    dict(mask_ratio=1.5), dict(ramp_fraction=0.0), dict(ramp_fraction=1.5)])
 def test_scheduler_rejects_only_what_cannot_work(kwargs):
     with pytest.raises(lmd.ConfigError):
         lmd.MaskSchedule(**kwargs)
 
 
 def test_a_falling_schedule_is_allowed_and_falls():
-    falling = lmd.MaskSchedule("cosine", start=0.9, end=0.5)
+    falling = lmd.MaskSchedule("cosine", mask_start=0.9, mask_end=0.5)
     ratios = [falling(p / 20) for p in range(21)]
     assert ratios[0] == pytest.approx(0.9) and ratios[-1] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(ratios, ratios[1:]))
-    assert lmd.MaskSchedule("piecewise", start=0.3, mid=0.9, end=0.6)(1 / 3) == pytest.approx(0.9)   # off the path
+    assert lmd.MaskSchedule("piecewise", mask_start=0.3, mask_plateau=0.9, mask_end=0.6)(1 / 3) == pytest.approx(0.9)   # off the path
 
 
 def test_check_schedule_takes_any_function_into_0_1():

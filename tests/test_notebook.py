@@ -9,7 +9,7 @@ import re
 import nbformat
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 
 NOTEBOOK = os.path.join(ROOT, "docs", "walkthrough.ipynb")
 MIN_IMAGES = 6   # the bar: at least 6 pictures saved in the notebook

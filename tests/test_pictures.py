@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-import ablation
 import lmd
 from util import cli
 from util import pictures
@@ -62,7 +61,7 @@ def test_a_16_step_run_leaves_grids_and_curves(run):
 
 def test_the_curves_show_the_logged_losses_and_mask_ratios(run, monkeypatch, tmp_path):
     metrics = os.path.join(run, "metrics.jsonl")
-    figure = drawn(monkeypatch, lambda: pictures.plot_curves(metrics, str(tmp_path / "curves.png")))
+    figure = drawn(monkeypatch, lambda: pictures.plot_curves(metrics, str(tmp_path / "curves.png"), train.LMD))
     records = pictures.read_metrics(metrics)
     loss_axes, ratio_axes = figure.axes
     training, held_out = loss_axes.lines
@@ -178,28 +177,15 @@ def test_token_mask_covers_patch_times_vae_factor_pixels():
 
 
 def test_the_schedules_figure_draws_each_schedule_and_the_end_of_the_ramp(tmp_path, monkeypatch):
-    figure = drawn(monkeypatch, lambda: pictures.plot_schedules(str(tmp_path / "schedules.png"), ramp=0.5))
+    figure = drawn(monkeypatch, lambda: pictures.plot_schedules(str(tmp_path / "schedules.png"), ramp_fraction=0.5))
     png_size(tmp_path / "schedules.png")
     (axes,) = figure.axes
     curves = {line.get_label(): line for line in axes.lines if not line.get_label().startswith("_")}
     assert list(curves) == list(lmd.SCHEDULERS)
     for name, line in curves.items():
-        schedule = lmd.MaskSchedule(name, ramp=0.5)
+        schedule = lmd.MaskSchedule(name, ramp_fraction=0.5)
         assert list(line.get_ydata()) == [schedule(p) for p in line.get_xdata()], name
     linear = dict(zip(curves["linear"].get_xdata(), curves["linear"].get_ydata()))
     assert linear[0.0] == pytest.approx(0.15) and linear[0.5] == pytest.approx(0.75) and linear[1.0] == 0.75
     (ramp_end,) = [line for line in axes.lines if line.get_label().startswith("_")]
     assert list(ramp_end.get_xdata()) == [0.5, 0.5]
-
-
-def test_ablation_table_from_results():
-    results = [dict(scheduler="constant", seed=1, held_out_loss=0.91234, knn=0.80, knn_scratch=0.70, linprobe=0.93,
-                    linprobe_scratch=0.92, minutes=1.5, steps_per_second=12.345),
-               dict(scheduler="constant", seed=2, held_out_loss=0.90, knn=0.84, knn_scratch=0.66, linprobe=0.95,
-                    linprobe_scratch=0.94, minutes=1.5, steps_per_second=12.345),
-               dict(scheduler="cosine", seed=1, held_out_loss=0.88, minutes=2.0, steps_per_second=9.0)]
-    table = ablation.markdown_table(results).splitlines()
-    assert table[0].startswith("| scheduler | seeds | held-out loss @0.75 | kNN top-1 | kNN, random init |")
-    assert table[2] == ("| constant | 2 | 0.9062 ± 0.0087 | 0.820 ± 0.028 | 0.680 ± 0.028 | 0.940 ± 0.014 | "
-                        "0.930 ± 0.014 | 1.50 ± 0.00 | 12.35 ± 0.00 |")
-    assert table[3] == "| cosine | 1 | 0.8800 | n/a | n/a | n/a | n/a | 2.00 | 9.00 |"

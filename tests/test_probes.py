@@ -1,13 +1,12 @@
 """util/probes.py: the linear probe's head is a function of its seed alone; the kNN blocks and the chunked
 validation of the linear probe give exactly the unchunked results; the two readings, the floors (the LMD network's
-random init, the raw pixels) and the model times a diffusion encoder is read at."""
+random init, the raw pixels) of an LMD run. (A diffusion encoder's model times: lab/tests.)"""
 
 import pytest
 import torch
 
 import lmd
-from relatives import ddpm
-from relatives import diffusion
+import train
 from util import devices
 from util import probes
 
@@ -62,16 +61,15 @@ def test_knn_in_blocks_equals_the_unblocked_knn():
                                device="cpu") == whole
 
 
-def tiny_encoder(objective, seed=0):
-    """A random-init tiny encoder on 8 x 8 x 4 latents (16 tokens of 2 x 2 x 4): LMD's, or ddpm's (adaLN-Zero)."""
+def tiny_encoder(seed=0):
+    """A random-init tiny LMD encoder on 8 x 8 x 4 latents (16 tokens of 2 x 2 x 4)."""
     torch.manual_seed(seed)
-    network = lmd.MaskedLatentViT if objective == "lmd" else ddpm.DDPM
-    return lmd.LatentClassifier(network("tiny", 8, 2, 4), 10, linear_probe=True).eval()
+    return lmd.LatentClassifier(lmd.MaskedLatentViT("tiny", 8, 2, 4), 10, linear_probe=True).eval()
 
 
 @torch.no_grad()
 def test_both_readings_have_the_encoders_width_and_differ():
-    encoder, latents = tiny_encoder("lmd").encoder, torch.randn(5, 4, 8, 8)
+    encoder, latents = tiny_encoder().encoder, torch.randn(5, 4, 8, 8)
     cls, mean = (probes.probe_features(encoder, latents, reading) for reading in probes.READINGS)
     width = encoder.norm.normalized_shape[0]
     assert cls.shape == mean.shape == (5, width) and not torch.allclose(cls, mean, atol=1e-3)
@@ -79,50 +77,6 @@ def test_both_readings_have_the_encoders_width_and_differ():
     assert torch.equal(cls, encoded[:, 0]) and torch.allclose(mean, encoded[:, 1:].mean(dim=1))
     with pytest.raises(ValueError, match="unknown reading"):
         probes.probe_features(encoder, latents, "pooled")
-
-
-@torch.no_grad()
-def test_an_adaln_zero_init_gives_every_image_one_class_token_and_the_lmd_floor_does_not():
-    """Why the floor is the LMD network: ddpm's own init starts as the identity, its class token is a constant."""
-    latents = torch.randn(6, 4, 8, 8)
-    own = probes.probe_features(tiny_encoder("ddpm").encoder, latents, "cls", torch.ones(6))
-    floor = probes.probe_features(tiny_encoder("lmd").encoder, latents, "cls")
-    assert torch.allclose(own, own[:1].expand_as(own), atol=1e-6)                   # at chance under any probe
-    assert floor.std(dim=0).mean() > 1e-2
-    own_mean = probes.probe_features(tiny_encoder("ddpm").encoder, latents, "mean", torch.ones(6))
-    assert own_mean.std(dim=0).mean() > 1e-2     # its mean patch token still varies: the patch embedding
-
-
-def test_lowest_trained_time():
-    assert probes.lowest_trained_time({"objective": "lmd"}) is None and probes.lowest_trained_time({}) is None
-    assert probes.lowest_trained_time({"objective": "ddpm"}) == probes.lowest_trained_time({"objective": "maskdm"}) == 1
-    assert probes.lowest_trained_time({"objective": "umd", "clean_share": 0.5}) == 0   # its clean half: time 0
-    assert probes.lowest_trained_time({"objective": "umd", "clean_share": 0.0}) == 1   # no clean half
-
-
-@torch.no_grad()
-def test_time_1_is_noise_level_0_with_each_images_own_noise():
-    latents = torch.randn(4, 4, 8, 8)
-    assert probes.at_time(latents, None, None, 0) == (latents, None)
-    clean, zeros = probes.at_time(latents, 0, torch.arange(4), 0)
-    assert clean is latents and zeros.tolist() == [0] * 4
-    noised, ones = probes.at_time(latents, 1, torch.tensor([7, 8, 9, 10]), seed=3)
-    alpha = diffusion.noise_schedule().alphas_cumprod[0]
-    noise = (noised - alpha.sqrt() * latents) / (1 - alpha).sqrt()
-    assert ones.tolist() == [1] * 4 and (1 - alpha).sqrt() == pytest.approx(0.0064, abs=1e-4)
-    assert 0.8 < noise.std() < 1.2
-    again, _ = probes.at_time(latents[2:3], 1, torch.tensor([9]), seed=3)   # image 9 alone, another batch
-    assert torch.allclose(again, noised[2:3])
-    other, _ = probes.at_time(latents, 1, torch.tensor([7, 8, 9, 10]), seed=4)
-    assert not torch.allclose(other, noised)
-    encoder = tiny_encoder("ddpm").encoder
-    for block in encoder.blocks:   # a trained-looking network: the time matters
-        torch.nn.init.normal_(block.modulation[1].weight, std=0.2)
-    at = {}
-    for time in (0, 1):
-        inputs, times = probes.at_time(latents, time, torch.arange(4), 0)
-        at[time] = probes.probe_features(encoder, inputs, "cls", times)
-    assert not torch.allclose(at[0], at[1], atol=1e-4)
 
 
 class Images(torch.utils.data.Dataset):
@@ -158,15 +112,10 @@ def test_raw_pixels_are_the_flattened_images_and_probe_separable_data_perfectly(
     assert knn == dict(best=1.0, final=1.0) and linear["final"] == 1.0 and len(history) == 30
 
 
-def test_result_fields_name_every_probe_and_put_the_lowest_trained_time_first():
+def test_an_lmd_run_is_probed_as_it_is_beside_the_random_init_lmd_network():
+    plan = probes.probe_plan({"objective": "lmd"}, train.LMD)
+    assert plan == {"pretrained": ("pretrained", None, None), "random_init": ("scratch", "lmd", None)}
     summary = lambda top1: (dict(best=top1, final=top1), [])   # noqa: E731
-    plan = probes.probe_plan({"objective": "ddpm"})
-    assert plan["random_init"] == ("scratch", "lmd", None) and plan["own_init"] == ("scratch", None, 1)
-    measured = {name: summary(0.1 * i) for i, name in enumerate([*plan, "raw_pixels"])}
-    fields = probes.result_fields(measured, {"objective": "ddpm"})
-    assert fields["top1"] == fields["time1_top1"] and fields["probe_time"] == 1
-    assert fields["scratch_top1"] == fields["random_init_top1"] != fields["own_init_top1"]
-    assert {"time0_top1", "raw_pixels_top1", "raw_pixels_history"} <= set(fields)
-    lmd_fields = probes.result_fields({"pretrained": summary(0.9), "random_init": summary(0.5)}, {})
-    assert lmd_fields["top1"]["final"] == 0.9 and lmd_fields["probe_time"] is None
-    assert "own_init_top1" not in lmd_fields and "time0_top1" not in lmd_fields
+    fields = probes.result_fields({"pretrained": summary(0.9), "random_init": summary(0.5)}, {}, train.LMD)
+    assert fields["top1"]["final"] == 0.9 and fields["random_init_top1"]["final"] == 0.5 and fields["probe_time"] is None
+    assert fields["scratch_top1"] == fields["random_init_top1"]   # the older name, for older readers

@@ -15,7 +15,7 @@ from util import checkpoints
 from util import cli
 from util import datasets
 import train
-from conftest import ROOT, tiny_flags
+from support import ROOT, tiny_flags
 
 
 def weights(run_dir):

@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from util import latent_cache
 from util import sampling
 from util import vaes
 import train
-from conftest import tiny_flags
+from support import ROOT, tiny_flags
 
 
 def test_a_run_writes_metrics_config_and_checkpoint(tmp_path, data_dir, capsys):
@@ -126,9 +128,27 @@ def test_offline_default_command_fails_fast_with_a_way_out(tmp_path, monkeypatch
     monkeypatch.setattr(vaes, "load_projection", empty_hub_cache)
     monkeypatch.setattr(vaes, "_hub_reachable", lambda timeout=5.0: False)
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_cli(lambda: train.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run")]))
+        cli.run_cli(lambda: train.main(["--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+                                             "--device", "cpu"]))   # past the no-GPU stop (test below)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "Hugging Face Hub is unreachable" in err and "--dataset synthetic --vae tiny" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "data").exists()                 # nothing downloaded: not even CIFAR-10
+
+
+def test_the_users_command_without_a_gpu_stops_before_any_download_and_names_the_laptop_path(tmp_path):
+    """python train.py --scheduler cosine on a machine without a GPU: one line with the encoding's cost here, the
+    laptop command and the flag that goes on anyway; exit 2; nothing downloaded, nothing written."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "train.py", "--scheduler", "cosine", "--data-dir", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                            env=env)
+    assert result.returncode == 2, result.stderr
+    line = result.stderr.strip()
+    assert "\n" not in line and line.startswith("error: no GPU here") and "hours" in line
+    assert "python train.py --dataset fashion-mnist" in line and "--device cpu" in line
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()   # before any download
+    hours = float(line.split("take about ")[1].split(" hours")[0])
+    # 50,000 CIFAR images and their mirrors at train.CPU_ENCODE_RATE images/s (128 px)
+    assert hours == round(2 * 50_000 / train.CPU_ENCODE_RATE / 3600)

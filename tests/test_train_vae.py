@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from util import vaes
-from conftest import ROOT
+from support import ROOT
 
 SCRIPT = os.path.join(ROOT, "tools", "train_vae.py")
 PROVENANCE_KEYS = {"dataset", "data_dir", "image_size", "steps", "seed", "seconds", "val_psnr_db", "scaling_factor",

@@ -1,4 +1,5 @@
-"""Write docs/flags.md, the flag reference of every script, from the scripts' own parsers.
+"""Write docs/flags.md, the flag reference of the core's scripts, from the scripts' own parsers (the lab's answer
+`python -m lab.X --help`).
 
     python tools/make_flag_reference.py        # rerun after changing a flag; never edit docs/flags.md by hand
 
@@ -32,8 +33,7 @@ patch chosen for that grid.
 |---|---|---|---|---|---|---|"""
 
 # Each script at its first path that exists (a script not written yet is left out).
-SCRIPTS = [("train.py",), ("sample.py",), ("finetune.py",), ("tools/bench.py",), ("tools/ablation.py",),
-           ("tools/race.py",), ("tools/train_vae.py",)]
+SCRIPTS = [("train.py",), ("finetune.py",), ("tools/train_vae.py",), ("tools/run_notebook.py",)]
 FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
 
 
