@@ -6,7 +6,7 @@ What pretraining learned, measured on the same latents: the kNN probe, the linea
     python finetune.py --checkpoint runs/lmd --mode finetune     # everything trains, layer decay
 
 knn and linprobe read the class token after the final norm (--features mean: the mean patch token) and measure,
-in the same invocation, the floors beside it: the LMD network of the same size and seed at random init and the raw
+in the same invocation, the baselines beside it: the LMD network of the same size and seed at random init and the raw
 pixels. A relative's encoder (the lab's: python -m lab.finetune) is probed at model times 0 and 1. The VAE,
 image size, patch size and model size come from the checkpoint. Writes OUT/results.json (top-1 best and final;
 reports use final) and, for finetune, OUT/classifier.pt (the best epoch's classifier).
@@ -67,12 +67,12 @@ def build_parser():
              "always measure both")
     add("--features", choices=probes.READINGS,
         help="what knn and linprobe read from the encoder's tokens after its final norm: 'cls' the class token "
-             "(MAE's linear probe), 'mean' the mean of the patch tokens (MAE's global_pool); the floors are read "
+             "(MAE's linear probe), 'mean' the mean of the patch tokens (MAE's global_pool); the baselines are read "
              "the same way (default: cls)")
     add("--raw-pixels", action=argparse.BooleanOptionalAction,
         help="knn and linprobe: also probe the flattened pixels of the same images, N x 3 x S x S floats in memory "
              "(default: on)")
-    add("--skip-floors", nargs="+", choices=FLOORS, help="knn and linprobe: floors not to measure, because they are "
+    add("--skip-floors", nargs="+", choices=FLOORS, help="knn and linprobe: baselines not to measure, because they are "
         "known: each depends only on the network, its seed and the data (tools/family.py measures each once a seed)")
     add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
@@ -155,7 +155,7 @@ def resolve_config(flags, checkpoint_path, pretrained):
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objectives, objective=None):
     """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The network
-    is the checkpoint's objective's, or `objective`'s ('lmd': the probes' floor), of the same size and seed."""
+    is the checkpoint's objective's, or `objective`'s ('lmd': the probes' random-init baseline), of the same size and seed."""
     torch.manual_seed(checkpoint["config"]["seed"])
     network = {**checkpoint["config"], **{key: config[key] for key in GEOMETRY}}
     network["objective"] = objective or network.get("objective", "lmd")

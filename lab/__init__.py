@@ -42,7 +42,7 @@ def register(objective):
 for module in (ddpm, maskdm, umd):
     register(module.OBJECTIVE)
 NOT_OBJECTIVES = {"diffusion", "pictures", "judge", "sample", "train", "finetune", "race", "family", "curve",
-                  "ablation", "bench"}
+                  "ablation", "bench", "make_figures"}
 for info in pkgutil.iter_modules(__path__):   # a fork's own objective: lab/NAME.py with OBJECTIVE = ...
     if info.name not in NOT_OBJECTIVES | set(OBJECTIVES) and not info.ispkg:
         found = getattr(importlib.import_module(f"{__name__}.{info.name}"), "OBJECTIVE", None)

@@ -71,7 +71,7 @@ def min_snr_weights(t, gamma=SNR_GAMMA):
     """t [B] -> each sample's weight in the eps loss [B]: min(SNR_t, gamma) / SNR_t, SNR_t = a_t / (1 - a_t).
 
     The nearly clean levels (SNR above gamma) have large, uninformative eps gradients that fight the rest; capping
-    their weight is Min-SNR's fix, and on digits it halves the steps to a given sample quality (docs/relatives.md).
+    their weight is Min-SNR's fix, and on digits it halves the steps to a given sample quality (lab/docs/relatives.md).
     gamma 0 weighs every level 1.
     """
     if not gamma:

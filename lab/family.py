@@ -398,7 +398,7 @@ def plot(records, path):
                           label=LABELS[row] + (" (Pareto front)" if row in front else ""))
     if len(front) > 1:
         axes.plot(*zip(*sorted((means[row][0], means[row][2]) for row in front)), color="black", linewidth=0.8)
-    floors = (("knn_random_init", "--", "random init of the LMD network (every row's floor)"),
+    floors = (("knn_random_init", "--", "random init of the LMD network (every row's random-init baseline)"),
               ("knn_raw_pixels", ":", "raw pixels"))
     for key, style, label in floors:   # one value per seed, the same for every row: never an objective's own init
         if per_seed(records, key):
@@ -439,7 +439,7 @@ def write_docs(args, argv, records, machine):
     roundtrip = [r["vae_roundtrip_fd_normalised"] for r in records if "vae_roundtrip_fd_normalised" in r]
     judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
                   f"judged by lab/judge.py (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
-                  f"validation split); fd_normalised = (FD - floor) / (blur ceiling - floor), floor "
+                  f"validation split); fd_normalised = (FD - real-image floor) / (blur ceiling - real-image floor), floor "
                   f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
                   + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
                      f"{roundtrip[0]:.3f}" if roundtrip else "")
@@ -449,9 +449,9 @@ def write_docs(args, argv, records, machine):
         f"# The family on {args.dataset}, side by side\n",
         f"Made by `{' '.join(['python -m lab.family', *argv])}` ({machine}).\n",
         f"Every row: the {args.model} model on {space}, {budget_words(args)} of {args.batch_size} images "
-        "(two-stage rows: half and half), seeds as counted. Probes of the final model (finetune.py): kNN (20-NN, "
+        "(two-stage rows: half and half), seeds as counted. Probes of the final model (lab.finetune): kNN (20-NN, "
         f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), on the validation split, each "
-        "beside the same floor for every row: the LMD network of the same size and seed at random init (an "
+        "beside the same baselines for every row: the random-init baseline, the LMD network of the same size and seed at random init (an "
         "adaLN-Zero network's own init starts as the identity, shown apart where it differs), and the raw pixels. "
         "A diffusion encoder is read at the least noisy model time it trained on (column 'read at'; both times "
         "below the table). Mean ± std over seeds. Training seconds: the training loops only (train.py's clock), "

@@ -22,7 +22,7 @@ The judge lives in DATA_DIR/lmd_judges/<dataset>-<size>px-<device>-torch<v>-torc
 (dataset, image size, the splits' provenance, the training settings, the device and the library versions), its
 validation accuracy and the reference statistics; it is retrained when any of them changes. The digits'
 validation split has only 360 images, so its FD is a few-hundred-image estimate: compare numbers measured with
-the same number of samples. docs/generation.md has the measured references on digits.
+the same number of samples. lab/docs/generation.md has the measured references on digits.
 """
 
 import contextlib
@@ -47,7 +47,7 @@ JUDGE_SIZE = 32          # the judge reads every image resized to 32 x 32 (CIFAR
 SETTINGS = dict(epochs=20, batch_size=64, lr=3e-3, weight_decay=1e-4, shift=2, width=16, features=128, seed=0,
                 kid_subsets=100)
 # Per dataset, where SETTINGS do not fit: Fashion-MNIST's 60,000 training images give 40x the digits' steps per
-# epoch; 10 epochs reach 92.1% (4: 90.6%) in 3.5 minutes on one busy CPU thread (docs/generation.md). MNIST is
+# epoch; 10 epochs reach 92.1% (4: 90.6%) in 3.5 minutes on one busy CPU thread (lab/docs/generation.md). MNIST is
 # as large and easier (not measured here: no MNIST files on this machine).
 DATASET_SETTINGS = {"fashion-mnist": dict(epochs=10), "mnist": dict(epochs=10)}
 BLUR_SIGMA_AT_32 = 2.0   # the ceiling's Gaussian blur, in pixels at 32 px; scaled with the image size
@@ -356,7 +356,7 @@ def reference_images(judge, count):
     The ceiling is the floor's own images blurred, not the validation images blurred against themselves: the
     floor and the samples carry FD's bias for N images against the validation set, and the old ceiling carried
     another (the same images on both sides), so its gap to the floor mixed the blur with a difference of biases.
-    Now the two differ by the blur alone (on digits at N = 500 the old gap was 2% wider; docs/generation.md).
+    Now the two differ by the blur alone (on digits at N = 500 the old gap was 2% wider; lab/docs/generation.md).
     """
     config, size = judge.config, image_size_of(judge.config)
     train, indices = open_source(config, "train"), floor_indices(judge, count)

@@ -1,7 +1,7 @@
 """
 The README's two drawn figures, made from the repository's own code:
 
-    python docs/make_figures.py            # writes docs/pipeline.png and docs/schedules.png
+    python -m lab.make_figures             # writes docs/pipeline.png and docs/schedules.png
 
 schedules.png plots lmd.MaskSchedule itself (pictures.plot_schedules); pipeline.png draws the data flow of one training
 step around a real synthetic image and a real 0.75 mask from lmd.random_masking.
@@ -13,11 +13,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # run from anywhere
-import lmd  # noqa: E402
-from util import cli, datasets, pictures  # noqa: E402
+import lmd
+from util import cli, datasets, pictures
 
-DOCS = os.path.dirname(os.path.abspath(__file__))
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
 
 def plot_pipeline(path):
@@ -41,7 +40,7 @@ def plot_pipeline(path):
         (6.2, "random masking", "keep 1 - r(t)\nr grows 0.15 -> 0.75\nover training", None),
         (8.0, "encoder (ViT)", "visible tokens only\n+ class token", "#fdd0a2"),
         (9.8, "decoder", "mask tokens at the\nhidden positions", "#fdd0a2"),
-        (11.8, "loss", "MSE on masked\ntokens only\n(vs normalised latents)", "#c7e9c0"),
+        (11.8, "loss", "MSE on masked\ntokens only\n(targets: latent tokens)", "#c7e9c0"),
     ]
     for x, title, detail, colour in stages:
         if colour:
@@ -58,7 +57,7 @@ def plot_pipeline(path):
     # masked positions only. Drawn over the row, from the top of the latent patches to the top of the loss.
     axes.add_artist(FancyArrowPatch((4.4, 2.7), (11.8, 2.7), connectionstyle="bar,fraction=-0.1", arrowstyle="-|>",
                                     mutation_scale=15, color="#31a354", linewidth=1.5))
-    axes.text(8.1, 3.62, "target tokens: all tokens, normalised per token (the loss reads the masked ones)",
+    axes.text(8.1, 3.62, "target tokens: all latent tokens, normalised per token by default, raw with --no-normalize-targets (the loss reads the masked ones)",
               ha="center", va="bottom", fontsize=9, color="#31a354")
     for x, picture in ((0.8, image), (6.2, masked)):   # real pixels: a synthetic image and a real 0.75 mask
         inset = figure.add_axes([(x - 0.55) / 13, 1.35 / 4.2, 1.1 / 13, 1.1 / 4.2])

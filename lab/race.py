@@ -28,7 +28,7 @@ and OUT/race.png.
 At the paper's token ratio (a pixel token a quarter of a latent token's area), the default pixel patch:
     python -m lab.race --dataset fashion-mnist --vae runs/vae-fashion --minutes 4 --seeds 3 --probes 3 \
         --probe-train 5000 --probe-val 2000 --threads 1 --out runs/race-fashion
-    # 32 px: pixel MAE on 64 tokens (patch 4), the latents on 16 (8 x 8, patch 2); docs/race.md has its numbers
+    # 32 px: pixel MAE on 64 tokens (patch 4), the latents on 16 (8 x 8, patch 2); lab/docs/race.md has its numbers
 """
 
 import copy

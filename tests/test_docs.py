@@ -1,6 +1,6 @@
 """The docs say what the code does: every command in README.md, docs/*.md and lab/docs/*.md parses with its own
 script's parser (torchrun's flags with torchrun's; `python -m lab.X` with the lab module's), and docs/flags.md is
-what tools/make_flag_reference.py writes today. Without the lab folder its commands are not parsed."""
+what tools/flag_reference.py writes today. Without the lab folder its commands are not parsed."""
 
 import contextlib
 import glob
@@ -12,7 +12,7 @@ import shlex
 
 import pytest
 
-import make_flag_reference
+import flag_reference
 from support import ROOT
 
 DOCS = ["README.md", *sorted(os.path.relpath(path, ROOT) for folder in ("docs", "lab/docs")
@@ -91,7 +91,7 @@ def parser_of(path):
         elif path.startswith("-m "):
             PARSERS[path] = importlib.import_module(path[3:]).build_parser()
         else:
-            PARSERS[path] = make_flag_reference.load_script(path).build_parser()
+            PARSERS[path] = flag_reference.load_script(path).build_parser()
     return PARSERS[path]
 
 
@@ -212,6 +212,6 @@ def test_the_readme_runs_the_main_scripts():
 
 
 def test_the_flag_reference_is_current():
-    with open(make_flag_reference.FLAGS_MD) as file:
+    with open(flag_reference.FLAGS_MD) as file:
         written = file.read()
-    assert written == make_flag_reference.render(), ("docs/flags.md is stale: run python tools/make_flag_reference.py")
+    assert written == flag_reference.render(), ("docs/flags.md is stale: run python tools/flag_reference.py")

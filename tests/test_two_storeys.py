@@ -9,7 +9,7 @@ import sys
 
 from support import ROOT
 
-CORE = ["lmd.py", "train.py", "finetune.py", "docs/make_figures.py",
+CORE = ["lmd.py", "train.py", "finetune.py",
         *(os.path.join(folder, name) for folder in ("util", "tools", "tests")
           for name in sorted(os.listdir(os.path.join(ROOT, folder))) if name.endswith(".py"))]
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures of docs/benchmarks.md, in 8 minutes or less, on a GPU machine with no network.
+# The GPU figures of lab/docs/benchmarks.md (its bench steps run where lab/ is), in 8 minutes or less, on a GPU machine with no network.
 #
 #     tools/gpu_check.sh [OUT]          # OUT: default $OUT, else runs/gpu_check
 #
@@ -16,7 +16,7 @@ mkdir -p "$OUT_DIR"
 SCRATCH=$(mktemp -d)
 trap 'rm -rf "$SCRATCH"' EXIT
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-BENCH=tools/bench.py
+BENCH=(-m lab.bench)
 DEADLINE=$((SECONDS + ${BUDGET_S:-470}))                  # the whole script stays under 8 minutes
 FAILED=0
 
@@ -43,7 +43,7 @@ step env 30 python -c "import torch, diffusers, sys; print(sys.version.split()[0
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true); ((GPUS > 0)) || GPUS=1
 
 # 2. bench.py on the GPU, eager: bf16 autocast, batch 256 (its GPU plan). Random-weight VAEs: no download.
-step bench_eager 150 python "$BENCH" --device cuda --precision bf16 --json-out "$OUT_DIR/bench_eager.json"
+step bench_eager 150 python "${BENCH[@]}" --device cuda --precision bf16 --json-out "$OUT_DIR/bench_eager.json"
 
 # 3. train.py at 128 px on the synthetic set, with a VAE in the full SD layout (what stabilityai/sd-vae-ft-mse
 #    holds) but RANDOM weights, saved locally so that it needs no network. The timings are the SD VAE's (the
@@ -74,7 +74,7 @@ step train_torchrun 75 torchrun --standalone --nproc_per_node="$GPUS" train.py -
     --steps 60 --out "$SCRATCH/train_torchrun"
 
 # 5. bench.py with --compile last: compiling takes the longest and may use up what time is left.
-step bench_compile 240 python "$BENCH" --device cuda --precision bf16 --compile \
+step bench_compile 240 python "${BENCH[@]}" --device cuda --precision bf16 --compile \
     --json-out "$OUT_DIR/bench_compile.json"
 
 # Keep the small files of the training runs, and the training throughput between the first and last log lines.

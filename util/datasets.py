@@ -17,7 +17,7 @@ DEFAULT_IMAGE_SIZE = {"cifar10": 128, "cifar100": 128, "mnist": 32, "fashion-mni
                       "imagefolder": 224, "synthetic": 64}
 # A mirrored digit is not a digit: these sets get no flip augmentation. A mirrored garment keeps its label, but on
 # Fashion-MNIST flips measured a tie (LMD, 4 minutes, 2 data subsets: kNN +1.8 and +0.1 points, linear probe -0.6
-# and -0.7, each within one standard error; docs/engineering.md), so it stays here, as in earlier runs.
+# and -0.7, each within one standard error; lab/docs/ablation.md), so it stays here.
 NO_FLIP = ("mnist", "fashion-mnist", "digits")
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bar", "two-dots")
 # Bumped whenever a generated or package-shipped set changes, so that a latent cache made from the old one is rebuilt.
