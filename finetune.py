@@ -33,10 +33,11 @@ from util.objective import of
 DEFAULTS = dict(
     checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, skip_floors=(), dataset=None,
     allow_other_dataset=False, data_dir=None, synthetic_size=None, vae=None, model=None, image_size=None,
-    patch_size=None, epochs=None, batch_size=256, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None,
+    patch_size=None, epochs=None, batch_size=None, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None,
     layer_decay=0.65, label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None,
-    device="auto", seed=0, out=None,
+    device="auto", seed=0, out=None, labels_per_class=None, subset_seed=0, eval_every=None,
 )
+BATCH_SIZE = 256   # with every label; with N labels per class: N rounded down to a power of 2, within [8, 256]
 # MAE's recipes. Linear probe: 90 epochs, no weight decay, base lr 0.5 where MAE has 0.1: MAE's 0.1 is for LARS at
 # batch 16,384; here plain SGD with momentum at 0.5 lands within 2 points of L-BFGS logistic regression on the same
 # features in 90 epochs (tests/test_finetune.py). kNN trains nothing.
@@ -83,7 +84,13 @@ def build_parser():
         add(f"--{flag.replace('_', '-')}", type=kind,
             help=f"must match the checkpoint's {flag.replace('_', ' ')} if given (default: the checkpoint's)")
     add("--epochs", type=int, help="training epochs (default: 90 linprobe, 100 finetune)")
-    add("--batch-size", type=int, default=DEFAULTS["batch_size"], help="global batch size")
+    add("--batch-size", type=int, help=f"global batch size (default: {BATCH_SIZE}; with --labels-per-class N, N "
+                                       "rounded down to a power of 2, within [8, 256])")
+    add("--labels-per-class", type=int, metavar="N", help="train (and fit every baseline) on N labelled training "
+        "images per class only: a fixed class-balanced subset, the same for every encoder (default: every label)")
+    add("--subset-seed", type=int, default=DEFAULTS["subset_seed"], help="seed of the --labels-per-class subset")
+    add("--eval-every", type=int, metavar="E", help="finetune: top-1 on the validation split every E epochs and "
+        "after the last (default: 1; with --labels-per-class, a tenth of the epochs)")
     add("--base-lr", type=float, help="lr = base_lr * batch_size / 256 (default: 0.5 linprobe, 5e-4 finetune)")
     add("--lr", type=float, help="absolute peak learning rate (overrides --base-lr)")
     add("--weight-decay", type=float, help="finetune's weight decay (default: 0.05; linprobe has none)")
@@ -139,18 +146,48 @@ def resolve_config(flags, checkpoint_path, pretrained):
     config["data_dir"] = config["data_dir"] or pretrained["data_dir"]
     config["synthetic_size"] = config["synthetic_size"] or (pretrained.get("synthetic_size", 5000) if same_dataset
                                                             else 5000)
+    few = config["labels_per_class"]
+    config["batch_size"] = config["batch_size"] or (min(256, max(8, 2 ** int(math.log2(few)))) if few else BATCH_SIZE)
+    config["eval_every"] = config["eval_every"] or (max(1, config["epochs"] // 10) if few else 1)
     config["lr"] = config["lr"] or config["base_lr"] * config["batch_size"] / 256
     is_dir = os.path.isdir(checkpoint_path)
     config["checkpoint"] = os.path.abspath(os.path.join(checkpoint_path, "checkpoint.pt") if is_dir
                                            else checkpoint_path)
     suffix = f"-{config['init']}" if config["mode"] == "finetune" else "-mean" * (config["features"] == "mean")
     config["out"] = config["out"] or os.path.join(os.path.dirname(config["checkpoint"]), config["mode"] + suffix)
-    for flag in ("epochs", "batch_size"):
-        if config[flag] < (flag == "batch_size" or config["mode"] != "knn"):
+    for flag in ("epochs", "batch_size", "labels_per_class", "eval_every"):
+        if config[flag] is not None and config[flag] < (flag != "epochs" or config["mode"] != "knn"):
             raise cli.UserError(f"--{flag.replace('_', '-')} must be at least 1 (got {config[flag]})")
     if not 0 < config["layer_decay"] <= 1 or not 0 <= config["label_smoothing"] < 1:
         raise cli.UserError("--layer-decay must lie in (0, 1] and --label-smoothing in [0, 1)")
     return config
+
+
+class LabelSubset:
+    """--labels-per-class N: N training images of each class, drawn once by --subset-seed (a class-balanced subset,
+    the semi-supervised protocol), read like the latent_cache.Split it is cut from; every baseline reads it too."""
+
+    def __init__(self, split, per_class, seed):
+        labels = split.labels if split.latents is not None else torch.as_tensor(split.images.source.targets)
+        generator, chosen = torch.Generator().manual_seed(seed), []
+        for label, name in enumerate(split.classes):
+            members = (labels == label).nonzero().flatten()
+            if per_class > len(members):
+                raise cli.UserError(f"--labels-per-class {per_class} is more than class {name!r} has ({len(members)} "
+                                    f"training images); use at most {min(torch.bincount(labels).tolist())}")
+            chosen.append(members[torch.randperm(len(members), generator=generator)[:per_class]])
+        self.indices = torch.cat(chosen).sort().values
+        self.split, self.classes, self.workers = split, split.classes, split.workers
+
+    def __len__(self):
+        return len(self.indices)
+
+    @property
+    def images(self):
+        return torch.utils.data.Subset(self.split.images, self.indices.tolist())
+
+    def batches(self, index_batches, flip_batches):
+        return self.split.batches([self.indices[i] for i in index_batches], flip_batches)
 
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objectives, objective=None):
@@ -230,7 +267,9 @@ def run_finetune(config, checkpoint, train_data, val_data, dist, classifier, aut
         train_loss = loss_sum.item() / steps_per_epoch
         if dist.any(not math.isfinite(train_loss)):   # every rank stops, with the same words, before any save
             raise cli.UserError(f"the loss became non-finite in epoch {epoch + 1}; lower --lr or use --precision fp32")
-        top1 = probes.top1_accuracy(classifier, val_data, config["batch_size"], dist, autocast)
+        if (epoch + 1) % config["eval_every"] and epoch + 1 < config["epochs"]:
+            continue   # a few-label epoch is a few steps: 10,000 validation images each time would dominate
+        top1 = probes.top1_accuracy(classifier, val_data, max(config["batch_size"], BATCH_SIZE), dist, autocast)
         history.append(dict(epoch=epoch + 1, train_loss=train_loss, top1=top1))
         if top1 > best and dist.is_main:   # keep the best epoch's classifier
             checkpoints.save_atomic(dict(kind=CLASSIFIER_KIND, model=classifier.state_dict(), epoch=epoch + 1,
@@ -256,7 +295,9 @@ def main(argv=None, objectives=train.OBJECTIVES):
         raise cli.UserError(f"--batch-size {config['batch_size']} must divide evenly over {dist.world_size} processes")
     projection = vaes.open_projection(config["vae"], dist.device, announce=dist.is_main)
     train_data, val_data = (latent_cache.Split(config, split, projection, dist) for split in ("train", "val"))
-    if len(train_data) < config["batch_size"] and config["mode"] == "finetune":
+    if config["labels_per_class"]:
+        train_data = LabelSubset(train_data, config["labels_per_class"], config["subset_seed"])
+    if len(train_data) < config["batch_size"] and (config["mode"] == "finetune" or config["labels_per_class"]):
         raise cli.UserError(f"the training set has {len(train_data)} images, fewer than one batch "
                             f"(--batch-size {config['batch_size']}); lower --batch-size")
     autocast = devices.autocast_dtype(config["precision"], dist.device)
@@ -279,7 +320,8 @@ def main(argv=None, objectives=train.OBJECTIVES):
                        features=config["features"] if config["mode"] != "finetune" else "mean",
                        checkpoint=config["checkpoint"], dataset=config["dataset"], vae=config["vae"],
                        vae_provenance=pretrained.get("vae_provenance"), model=config["model"],
-                       num_classes=len(train_data.classes), val_images=len(val_data),
+                       num_classes=len(train_data.classes), val_images=len(val_data), train_images=len(train_data),
+                       labels_per_class=config["labels_per_class"], subset_seed=config["subset_seed"],
                        device=str(dist.device), world_size=dist.world_size, minutes=(time.time() - started) / 60,
                        config=config)
         path = os.path.join(config["out"], "results.json")

@@ -26,11 +26,11 @@ bit-identical to an uninterrupted one.
 import importlib
 import pkgutil
 
-import train
+import train as core_train   # not `train`: lab.train is this package's own module
 from lab import ddpm, maskdm, umd
 from util.objective import Objective, of
 
-OBJECTIVES = dict(train.OBJECTIVES)   # name -> Objective, in the order of --objective's choices: LMD first
+OBJECTIVES = dict(core_train.OBJECTIVES)   # name -> Objective, in the order of --objective's choices: LMD first
 
 
 def register(objective):

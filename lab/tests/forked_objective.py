@@ -1,10 +1,10 @@
 """LMD with a falling mask ratio and an L1 loss on the masked tokens: a new objective in one file.
 
-Saved as relatives/falling_l1.py, it is found by train.py (--objective falling-l1), finetune.py and sample.py.
+Saved as lab/falling_l1.py, it is found by python -m lab.train (--objective falling-l1) and lab.finetune.
 """
 
 import lmd
-from relatives.objective import Objective, flag
+from util.objective import Objective, flag
 
 
 class FallingL1(lmd.MaskedLatentViT):

@@ -1,4 +1,4 @@
-"""Smoke tests of bench.py: the measuring functions on tiny models, and the CLI's last line. Never speed targets."""
+"""Smoke tests of lab/bench.py: the measuring functions on tiny models, and the CLI's last line. Never speed targets."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-import bench
+from lab import bench
 import lmd
 
 

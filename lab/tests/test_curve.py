@@ -1,4 +1,4 @@
-"""tools/curve.py end to end on tiny settings: ddpm and MaskDM's two stages, each judged at points of its last stage
+"""lab/curve.py end to end on tiny settings: ddpm and MaskDM's two stages, each judged at points of its last stage
 (stopped and resumed by train.py), the seconds of every stage summed; and the time-to-reach arithmetic."""
 
 import json
@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-import curve
-from util import pictures
+from lab import curve
+from lab import pictures
 
 
 def test_curve_end_to_end(tmp_path, data_dir, monkeypatch):
@@ -30,7 +30,7 @@ def test_curve_end_to_end(tmp_path, data_dir, monkeypatch):
     summary = json.loads((out / "maskdm" / "seed0" / "stage2-ddpm" / "summary.json").read_text())
     assert summary["step"] == 2                                        # stopped at 1, resumed to the end
     text = (docs / "curve.md").read_text()
-    assert "python tools/curve.py --dataset synthetic" in text and "| MaskDM (stage 1, then stage 2) | 2 | 2 |" in text
+    assert "python -m lab.curve --dataset synthetic" in text and "| MaskDM (stage 1, then stage 2) | 2 | 2 |" in text
     assert (docs / "curve.png").stat().st_size > 5000
     # the timed clock: each point's steps times its stages' step costs, timed side by side and kept
     costs = json.loads((out / "step_costs.json").read_text())

@@ -1,4 +1,4 @@
-"""tools/family.py end to end on tiny settings: a one-stage row that cannot generate (MAE) and a two-stage row
+"""lab/family.py end to end on tiny settings: a one-stage row that cannot generate (MAE) and a two-stage row
 (MaskDM, stage 2 from stage 1 by --init), each probed beside the same floors (the LMD network's random init, the raw
 pixels), MaskDM at both model times and its own init apart, the generative one judged."""
 
@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-import family
-from util import cli, pictures
+from lab import family
+from lab import pictures
+from util import cli
 
 
 def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
@@ -37,7 +38,7 @@ def test_family_end_to_end(tmp_path, data_dir, monkeypatch):
     stage2 = json.loads((out / "maskdm" / "seed0" / "stage2-ddpm" / "config.json").read_text())
     assert stage2["init_from"]["objective"] == "maskdm" and stage2["steps"] == 1       # the budget split in half
     table = (docs / "family.md").read_text()
-    assert "python tools/family.py --dataset synthetic" in table                # the command that made it
+    assert "python -m lab.family --dataset synthetic" in table                # the command that made it
     assert "| MAE (constant 0.75) | 1 | no time (LMD) |" in table and "cannot generate" in table
     assert "`--features cls`" in table and "its own init (chance for adaLN-Zero)" in table
     assert "Raw pixels (no encoder" in table and "| kNN, model time 0 (clean) |" in table

@@ -1,11 +1,11 @@
-"""The offline judge of generated images (util/judge.py): calibrated on real digits, cached, reproducible."""
+"""The offline judge of generated images (lab/judge.py): calibrated on real digits, cached, reproducible."""
 
 import os
 
 import pytest
 import torch
 
-from util import judge
+from lab import judge
 from util.cli import UserError
 from util.datasets import load_image_tensors
 
@@ -152,14 +152,15 @@ def test_the_cache_key_holds_the_device_and_the_library_versions(tmp_path, monke
 def test_sample_py_records_the_batch_size(tmp_path, monkeypatch):
     """With eta > 0 the batch size changes the samples (the noise of every step is drawn batch by batch)."""
     import json
+    import lab
     import lmd
-    import sample
-    import train
+    from lab import sample
+    from lab_support import defaults
     from util import checkpoints
-    config = dict(train.defaults("ddpm"), model="tiny",
+    config = dict(defaults("ddpm"), model="tiny",
                   vae="none", image_size=32, patch_size=8, steps=1, dataset="digits", data_dir=str(tmp_path))
     torch.manual_seed(0)
-    model = checkpoints.build_model(config, lmd.LatentProjection())
+    model = checkpoints.build_model(config, lmd.LatentProjection(), lab.get("ddpm"))
     checkpoints.save_run(str(tmp_path / "run" / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), 1,
                          config, torch.device("cpu"))
     judged = []

@@ -1,4 +1,4 @@
-"""tools/race.py end to end on tiny settings: pixel MAE, LMD and MAE on latents under one budget of training
+"""lab/race.py end to end on tiny settings: pixel MAE, LMD and MAE on latents under one budget of training
 seconds, with a small random VAE saved as tools/train_vae.py would (so no VAE training here), and the files it
 writes. The budget is enforced: every final point lands within 5% of it. Then the reading of the results on made-up
 numbers: equal seconds on both clocks, the order of the methods, the speed flag, the time to pixel MAE's accuracy."""
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-import race
+from lab import race
 
 BUDGET_MINUTES = 2 / 60   # 2 s of training per method (6 s in all, plus the probes): steps of ~0.01 s
 # Digits at their native 8 px: 4 latent tokens (2 x 2 latents, patch 1) and 4 pixel tokens (--pixel-patch 4), so
@@ -182,7 +182,7 @@ def test_time_to_pixel_maes_accuracy_as_a_ratio_on_both_clocks():
 
 
 def test_the_clock_waits_for_an_apple_gpu(monkeypatch):
-    import bench
+    from lab import bench
     calls = []
     monkeypatch.setattr(torch.mps, "synchronize", lambda: calls.append("mps"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("cuda"))

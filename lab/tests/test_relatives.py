@@ -1,4 +1,4 @@
-"""LMD's relatives (relatives/): adaLN-Zero, the objectives' losses, MaskDM's masks, DDIM, --init, resume, sample.py."""
+"""LMD's relatives (lab/): adaLN-Zero, the objectives' losses, MaskDM's masks, DDIM, --init, resume, lab/sample.py."""
 
 import json
 import subprocess
@@ -8,15 +8,17 @@ import pytest
 import torch
 
 import lmd
-import relatives
-import train
-from relatives import diffusion
-from relatives import maskdm
+import lab
+import lab.train   # lab.train.main: train.py's loop given the lab's objectives
+from lab import diffusion
+from lab import maskdm
+from lab import pictures
+from lab import sample
 from util import checkpoints
 from util import cli
 from util import datasets
-from util import pictures
-from conftest import ROOT, tiny_flags
+from support import ROOT, tiny_flags
+from lab_support import build_model, defaults
 
 
 def randomise(model, seed=0):
@@ -41,7 +43,7 @@ def test_zero_initialised_adaln_block_is_the_identity_until_its_modulation_learn
 
 
 def test_fresh_diffusion_model_predicts_zero_noise_and_reads_the_time():
-    model = relatives.build_model(dict(objective="ddpm", model="tiny", patch_size=2), 8, 4)
+    model = build_model(dict(objective="ddpm", model="tiny", patch_size=2), 8, 4)
     latents = torch.randn(2, 4, 8, 8)
     assert torch.equal(model.predict_eps(latents, torch.tensor([3, 500])), torch.zeros_like(latents))
     randomise(model)
@@ -62,7 +64,7 @@ def digits_latents():
 def test_each_objective_loss_is_finite_and_falls_on_digits(objective, ratio, digits_latents):
     torch.manual_seed(0)
     config = dict(objective=objective, model="tiny", patch_size=4, block_size=2)
-    model = relatives.build_model(config, 16, 3)
+    model = build_model(config, 16, 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     measure = lambda: model(digits_latents, ratio, False, generator=torch.Generator().manual_seed(1))[0]  # noqa: E731
     with torch.no_grad():
@@ -89,7 +91,7 @@ def test_min_snr_weights_cap_only_the_nearly_clean_levels():
 
 def test_ddpm_loss_is_the_plain_eps_mse_at_gamma_0_and_smaller_with_min_snr(digits_latents):
     torch.manual_seed(0)
-    model = relatives.ddpm.DDPM("tiny", grid_size=16, patch_size=4, channels=3, snr_gamma=0.0)
+    model = lab.ddpm.DDPM("tiny", grid_size=16, patch_size=4, channels=3, snr_gamma=0.0)
     torch.nn.init.normal_(model.decoder_head.weight, std=0.02)   # not the zero head of a fresh model
     t, latents = torch.tensor([0, 10, 500, 900]), digits_latents[:4]
     noise = torch.randn_like(latents)
@@ -101,7 +103,7 @@ def test_ddpm_loss_is_the_plain_eps_mse_at_gamma_0_and_smaller_with_min_snr(digi
 
 
 def test_ddpm_refuses_a_mask():
-    model = relatives.build_model(dict(objective="ddpm", model="tiny", patch_size=2), 8, 4)
+    model = build_model(dict(objective="ddpm", model="tiny", patch_size=2), 8, 4)
     with pytest.raises(lmd.ConfigError, match="mask ratio is 0"):
         model(torch.randn(2, 4, 8, 8), 0.5)
 
@@ -121,7 +123,7 @@ def test_maskdm_block_masks_are_whole_blocks_per_sample():
 
 def test_maskdm_loss_ignores_the_masked_tokens_targets_and_inputs():
     torch.manual_seed(0)
-    model = randomise(relatives.build_model(dict(objective="maskdm", model="tiny", patch_size=2, block_size=2), 8, 4))
+    model = randomise(build_model(dict(objective="maskdm", model="tiny", patch_size=2, block_size=2), 8, 4))
     latents, noise, t = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8), torch.tensor([10, 400, 900])
     keep, mask = maskdm.block_masking(3, 4, 2, 0.75, torch.Generator().manual_seed(0))
     loss, predictions, _ = model.loss(latents, t, noise, keep, mask)
@@ -142,7 +144,7 @@ def test_maskdm_loss_ignores_the_masked_tokens_targets_and_inputs():
 
 def test_ddim_samples_are_deterministic_for_a_seed_with_the_right_shape_and_range():
     torch.manual_seed(0)
-    model = randomise(relatives.build_model(dict(objective="ddpm", model="tiny", patch_size=4), 16, 3))
+    model = randomise(build_model(dict(objective="ddpm", model="tiny", patch_size=4), 16, 3))
     pixels = lmd.LatentProjection()
 
     def draw(seed):
@@ -172,11 +174,11 @@ def diffusion_flags(data_dir, out, **overrides):
 
 def save_fresh_run(path, objective, data_dir):
     """A run directory holding the checkpoint of a fresh model, as train.py writes it (no training: cheap)."""
-    config = dict(train.defaults(objective),
+    config = dict(defaults(objective),
                   **dict(model="tiny", vae="none", image_size=32, patch_size=8, steps=2,
                          dataset="synthetic", data_dir=data_dir, out=str(path)))
     torch.manual_seed(1)
-    model = checkpoints.build_model(config, lmd.LatentProjection())
+    model = checkpoints.build_model(config, lmd.LatentProjection(), lab.get(objective))
     randomise(model)   # not the init a new run would draw
     checkpoints.save_run(str(path / "checkpoint.pt"), model, torch.optim.AdamW(model.parameters()), 2, config,
                          torch.device("cpu"))
@@ -188,15 +190,15 @@ def runs(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("relatives")
     save_fresh_run(root / "lmd", "lmd", data_dir)
     save_fresh_run(root / "maskdm", "maskdm", data_dir)
-    train.main(diffusion_flags(data_dir, root / "stage2", steps=2, objective="ddpm", init=root / "maskdm"))
+    lab.train.main(diffusion_flags(data_dir, root / "stage2", steps=2, objective="ddpm", init=root / "maskdm"))
     return root
 
 
 def test_init_loads_an_lmd_encoder_and_all_of_a_maskdm_run(runs):
     config = json.loads((runs / "stage2" / "config.json").read_text())
     assert config["init_from"]["objective"] == "maskdm" and config["init_from"]["tensors_fresh"] == 0
-    model = checkpoints.build_model(config, lmd.LatentProjection())
-    record = checkpoints.load_init(model, str(runs / "lmd"), config)
+    model = checkpoints.build_model(config, lmd.LatentProjection(), lab.get(config["objective"]))
+    record = checkpoints.load_init(model, str(runs / "lmd"), config, lab.OBJECTIVES)
     source = checkpoints.load_checkpoint(str(runs / "lmd"))["model"]
     own = model.state_dict()
     for name in ("patch_embed.weight", "cls_token", "blocks.0.attn.qkv.weight", "blocks.3.mlp.2.bias", "norm.weight"):
@@ -208,8 +210,8 @@ def test_init_loads_an_lmd_encoder_and_all_of_a_maskdm_run(runs):
 
 def test_init_refuses_another_latent_space(runs, data_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
-        cli.run_cli(lambda: train.main(diffusion_flags(data_dir, tmp_path / "r", objective="ddpm", vae="tiny",
-                                                       image_size=64, patch_size=2, init=runs / "lmd")))
+        cli.run_cli(lambda: lab.train.main(diffusion_flags(data_dir, tmp_path / "r", objective="ddpm", vae="tiny",
+                                                           image_size=64, patch_size=2, init=runs / "lmd")))
     assert "was trained with --vae none, this run has tiny" in capsys.readouterr().err
 
 
@@ -219,7 +221,7 @@ def test_init_refuses_another_latent_space(runs, data_dir, tmp_path, capsys):
                                             (["--objective", "lmd", "--snr-gamma", "0"], "--snr-gamma does not apply")])
 def test_flags_of_another_objective_are_refused_in_one_line(extra, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_cli(lambda: train.main(diffusion_flags(str(tmp_path), tmp_path / "r", objective="ddpm") + extra))
+        cli.run_cli(lambda: lab.train.main(diffusion_flags(str(tmp_path), tmp_path / "r", objective="ddpm") + extra))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
@@ -227,9 +229,9 @@ def test_diffusion_resume_is_bit_identical(tmp_path, data_dir):
     """MaskDM draws times, noise and block masks from the step's generator; a sample grid at step 2 (its own
     generator) must leave them as they were."""
     flags = dict(objective="maskdm", steps=4, save_every=100, grid_every=2)
-    train.main(diffusion_flags(data_dir, tmp_path / "straight", **flags))
-    train.main(diffusion_flags(data_dir, tmp_path / "split", stop_after_step=2, **flags))
-    train.main(["--resume", str(tmp_path / "split")])
+    lab.train.main(diffusion_flags(data_dir, tmp_path / "straight", **flags))
+    lab.train.main(diffusion_flags(data_dir, tmp_path / "split", stop_after_step=2, **flags))
+    lab.train.main(["--resume", str(tmp_path / "split")])
     straight, split = (checkpoints.load_checkpoint(str(tmp_path / name))["model"] for name in ("straight", "split"))
     assert straight.keys() == split.keys() and all(torch.equal(straight[k], split[k]) for k in straight)
     assert (tmp_path / "split" / "grid_step000002.png").exists()
@@ -237,19 +239,19 @@ def test_diffusion_resume_is_bit_identical(tmp_path, data_dir):
     assert summary["held_out_mask_ratio"] == 0.75 and summary["held_out_eps_loss"] > 0
 
 
-# ----------------------------------------------------------------------------- sample.py
+# ----------------------------------------------------------------------------- lab/sample.py
 
 FAKE_JUDGE = """
 import sys, types, torch
-fake = types.ModuleType("util.judge")
+fake = types.ModuleType("lab.judge")
 def evaluate_generation(samples, config, device):
     return dict(fd=1.0, fd_normalised=0.5, shape=list(samples.shape), low=samples.min().item(),
                 high=samples.max().item(), dtype=str(samples.dtype), dataset=config["dataset"])
 fake.evaluate_generation = evaluate_generation
-import util
-sys.modules["util.judge"] = util.judge = fake
-import sample
-sys.argv = ["sample.py"] + sys.argv[1:]
+import lab
+sys.modules["lab.judge"] = lab.judge = fake
+from lab import sample
+sys.argv = ["lab/sample.py"] + sys.argv[1:]
 sample.cli.run_cli(sample.main)
 """
 
@@ -269,7 +271,20 @@ def test_sample_script_writes_a_grid_and_the_judges_verdict(runs, tmp_path):
 
 
 def test_sample_script_refuses_an_lmd_run_in_one_line(runs, tmp_path, capsys):
-    import sample
     with pytest.raises(SystemExit) as exit_info:
         cli.run_cli(lambda: sample.main(["--checkpoint", str(runs / "lmd"), "--out", str(tmp_path)]))
     assert exit_info.value.code == 2 and "cannot generate" in capsys.readouterr().err
+
+
+def test_the_cores_scripts_refuse_a_relatives_run_in_one_line_that_names_the_labs(runs, capsys):
+    """train.py and finetune.py know LMD alone: a ddpm run is refused before anything is read, pointing at
+    python -m lab.train and lab.finetune, which take the same flags."""
+    import finetune
+    import train
+    for main in (lambda: train.main(["--resume", str(runs / "stage2")]),
+                 lambda: finetune.main(["--checkpoint", str(runs / "stage2"), "--mode", "knn", "--device", "cpu"])):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.run_cli(main)
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "'ddpm'" in err and "python -m lab.train or python -m lab.finetune" in err

@@ -1,5 +1,5 @@
-"""UMD (relatives/umd.py): which half sees what, which tokens each loss term reads, the probes' features, and UMD
-through train.py, finetune.py, sample.py and tools/family.py on tiny settings."""
+"""UMD (lab/umd.py): which half sees what, which tokens each loss term reads, the probes' features, and UMD
+through train.py's and finetune.py's loops (python -m lab.train, lab.finetune) and lab/sample.py on tiny settings."""
 
 import json
 
@@ -8,14 +8,16 @@ import torch
 
 import finetune
 import lmd
-import relatives
-import sample
-import train
-from relatives import diffusion
+import lab
+import lab.finetune   # lab.finetune.main and lab.train.main: the core's scripts given the lab's objectives
+import lab.train
+from lab import diffusion
+from lab import pictures
+from lab import sample
 from util import checkpoints
 from util import cli
-from util import pictures
-from conftest import tiny_flags
+from support import tiny_flags
+from lab_support import build_model, defaults
 
 CONFIG = dict(objective="umd", model="tiny", patch_size=2, clean_share=0.5, clean_mask_ratio=0.75)
 
@@ -24,7 +26,7 @@ def randomised_umd(seed=0, **overrides):
     """A UMD on an 8 x 8 x 4 latent (16 tokens) whose zero-initialised layers (modulations, heads) are random too,
     so that every output depends on the inputs and the time."""
     torch.manual_seed(seed)
-    model = relatives.build_model(dict(CONFIG, **overrides), 8, 4)
+    model = build_model(dict(CONFIG, **overrides), 8, 4)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -176,14 +178,14 @@ def runs(tmp_path_factory, data_dir):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pictures, "SAMPLE_GRID_IMAGES", 4)
         patch.setattr(pictures, "SAMPLE_GRID_STEPS", 2)
-        train.main(flags(data_dir, root / "umd", objective="umd"))
-        train.main(flags(data_dir, root / "umd_ft", objective="umd", init=root / "umd", mask_ratio=0.0,
+        lab.train.main(flags(data_dir, root / "umd", objective="umd"))
+        lab.train.main(flags(data_dir, root / "umd_ft", objective="umd", init=root / "umd", mask_ratio=0.0,
                          clean_share=0.05))
-    config = dict(train.defaults("ddpm"), model="tiny", vae="none",
+    config = dict(defaults("ddpm"), model="tiny", vae="none",
                   image_size=32, patch_size=8, steps=2, dataset="synthetic", synthetic_size=64, data_dir=data_dir,
                   out=str(root / "ddpm"))
     torch.manual_seed(1)
-    model = checkpoints.build_model(config, lmd.LatentProjection())
+    model = checkpoints.build_model(config, lmd.LatentProjection(), lab.get("ddpm"))
     with torch.no_grad():   # not the init a new run draws (nor zeros where DiT starts at zero)
         for parameter in model.parameters():
             parameter.add_(0.05 * torch.randn_like(parameter))
@@ -202,13 +204,14 @@ def test_generation_fine_tuning_starts_from_every_weight_of_the_umd_run(runs):
 
 @pytest.mark.parametrize("run", ["umd", "ddpm"])
 def test_finetune_knn_works_on_a_umd_and_a_ddpm_checkpoint(runs, run):
-    if run == "umd":   # a ddpm checkpoint's kNN: test_finetune's floor test
-        finetune.main(["--checkpoint", str(runs / run), "--mode", "knn", "--device", "cpu"])
+    if run == "umd":   # a ddpm checkpoint's kNN: test_ddpm_floor.py
+        lab.finetune.main(["--checkpoint", str(runs / run), "--mode", "knn", "--device", "cpu"])
         results = json.loads((runs / run / "knn" / "results.json").read_text())
         assert 0 <= results["top1"]["final"] <= 1 and 0 <= results["scratch_top1"]["final"] <= 1
     checkpoint = checkpoints.load_checkpoint(str(runs / run))
     config = dict(checkpoint["config"], checkpoint=str(runs / run / "checkpoint.pt"))
-    classifier = finetune.build_classifier(config, checkpoint, lmd.LatentProjection(), 10, "pretrained", True)
+    classifier = finetune.build_classifier(config, checkpoint, lmd.LatentProjection(), 10, "pretrained", True,
+                                           lab.OBJECTIVES)
     assert type(classifier.encoder).__name__ == {"umd": "UMD", "ddpm": "DDPM"}[run]
     assert torch.equal(classifier.encoder.blocks[0].modulation[1].weight,
                        checkpoint["model"]["blocks.0.modulation.1.weight"])   # the trained weights, time included
