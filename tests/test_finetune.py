@@ -237,3 +237,34 @@ def test_torchrun_two_cpu_processes_linear_probe(run, linprobe):
     top1 = lambda history: [epoch["top1"] for epoch in history]  # noqa: E731
     assert results["world_size"] == 2 and top1(results["history"]) == pytest.approx(top1(single["history"]), abs=0.01)
     assert top1(results["raw_pixels_history"]) == pytest.approx(top1(single["raw_pixels_history"]), abs=0.01)
+
+
+def test_labels_per_class_is_a_fixed_class_balanced_subset_read_by_every_baseline(run):
+    """--labels-per-class 3: 30 digits, 3 of each class, fixed by --subset-seed; the raw-pixel baseline reads the
+    very images the encoders were probed on (its kNN recomputed here on that subset agrees)."""
+    config = finetune.resolve_config({"checkpoint": str(run), "mode": "knn", "num_workers": 0}, str(run),
+                                     checkpoints.load_checkpoint(str(run))["config"])
+    dist, projection = devices.Distributed("cpu"), vaes.load_projection("none")
+    split = latent_cache.Split(config, "train", projection, dist)
+    subsets = [finetune.LabelSubset(split, 3, seed).indices for seed in (0, 0, 1)]
+    labels = torch.as_tensor(split.images.source.targets)
+    assert torch.equal(subsets[0], subsets[1]) and not torch.equal(subsets[0], subsets[2])
+    assert torch.bincount(labels[subsets[0]]).tolist() == [3] * 10
+    out = run.parent / "knn-3-labels"
+    finetune.main(["--checkpoint", str(run), "--mode", "knn", "--labels-per-class", "3", "--out", str(out), *PROBE])
+    results = json.loads((out / "results.json").read_text())
+    assert (results["train_images"], results["labels_per_class"], results["subset_seed"]) == (30, 3, 0)
+    assert {"top1", "random_init_top1", "raw_pixels_top1"} <= set(results)
+    val = latent_cache.Split(config, "val", projection, dist)
+    pixels = lambda data, ids: torch.stack([data.images[int(i)][0].flatten() for i in ids])   # noqa: E731
+    expected = probe_util.knn_top1(pixels(split, subsets[0]), labels[subsets[0]], pixels(val, range(len(val))),
+                                   torch.as_tensor(val.images.source.targets))
+    assert results["raw_pixels_top1"]["final"] == expected
+
+
+def test_a_subset_larger_than_a_class_or_smaller_than_a_batch_is_one_line(run, capsys):
+    base = ["--checkpoint", str(run), "--num-workers", "0", "--device", "cpu"]
+    assert "more than class" in refused(capsys, base + ["--mode", "knn", "--labels-per-class", "1000"])
+    assert "at least 1" in refused(capsys, base + ["--mode", "knn", "--labels-per-class", "0"])
+    err = refused(capsys, base + ["--mode", "linprobe", "--labels-per-class", "2", "--batch-size", "64"])
+    assert "fewer than one batch" in err and "20 images" in err

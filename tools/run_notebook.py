@@ -1,14 +1,11 @@
-"""
-Execute docs/walkthrough.ipynb top to bottom in a fresh python3 kernel and save it with its outputs.
+"""Execute docs/walkthrough.ipynb top to bottom in a fresh python3 kernel and save it with its outputs, so its
+pictures always come from the current code.
 
     python tools/run_notebook.py                  # its saved settings (under 10 minutes); saved in place
     python tools/run_notebook.py --tiny --out /tmp/tiny.ipynb   # LMD_NOTEBOOK_TINY=1: seconds; numbers mean nothing
 
-So the pictures saved in the notebook always come from the current code. Prints one line per cell (its first
-line and its time); any error cell stops the run with a one-line message and exit status 2, and nothing is saved.
-The kernel runs in the notebook's own folder, as `jupyter notebook` would run it. This needs nbclient, nbformat
-and ipykernel (requirements.txt); opening the notebook interactively needs Jupyter too (`pip install notebook`).
-"""
+Prints a line per cell; an error cell stops the run with a one-line message and exit status 2, nothing saved. The
+kernel runs in the notebook's folder. Needs nbclient, nbformat, ipykernel (requirements.txt); Jupyter to open it."""
 
 import argparse
 import os
@@ -30,9 +27,8 @@ def build_parser():
     parser = ArgumentParser(description="Re-execute the walkthrough notebook and save its outputs.",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--notebook", default=DEFAULTS["notebook"], help="the notebook to execute")
-    parser.add_argument("--out", default=DEFAULTS["out"], help="where to save the executed notebook "
-                        "(default: in place; with --tiny an --out is required, so tiny outputs never replace the "
-                        "saved ones)")
+    parser.add_argument("--out", default=DEFAULTS["out"], help="where to save the executed notebook (default: in "
+                        "place; with --tiny an --out is required, so tiny outputs never replace the saved ones)")
     parser.add_argument("--tiny", action="store_true", help=f"set {TINY_VARIABLE}=1: the test's tiny settings")
     parser.add_argument("--cell-timeout", type=int, default=DEFAULTS["cell_timeout"], help="seconds per cell")
     parser.add_argument("--kernel", default=DEFAULTS["kernel"], help="the Jupyter kernel to run it in")
@@ -40,15 +36,11 @@ def build_parser():
 
 
 def execute(path, tiny=False, cell_timeout=600, kernel="python3", progress=print):
-    """Run the notebook at `path` in a fresh kernel -> (the executed nbformat notebook, seconds in all).
-
-    tiny sets LMD_NOTEBOOK_TINY=1 for the kernel. An error cell raises UserError naming the cell and the error.
-    """
+    """Run the notebook at `path` in a fresh kernel -> (the executed notebook, seconds); an error cell: UserError."""
     import nbformat
     from jupyter_client.kernelspec import NoSuchKernel
     from nbclient import NotebookClient
     from nbclient.exceptions import CellExecutionError
-
     if not os.path.isfile(path):
         raise UserError(f"notebook {path!r} does not exist; pass --notebook PATH")
     notebook = nbformat.read(path, as_version=4)
@@ -64,9 +56,8 @@ def execute(path, tiny=False, cell_timeout=600, kernel="python3", progress=print
         progress(f"cell {number}/{len(code_cells)} done in {time.time() - cell_started[cell_index]:5.1f} s "
                  f"(total {time.time() - started:5.0f} s): {first[:70]}")
 
-    # The kernel inherits this environment: the settings cell reads the tiny switch from it. TQDM_DISABLE turns off
-    # the progress bars that do not set `disable` themselves (the project's do: collapse_progress keeps their last
-    # state); in a saved notebook each update of a bar would be a line (this tool prints a line per cell instead).
+    # The settings cell reads the tiny switch from the kernel's environment. TQDM_DISABLE turns off the bars that do
+    # not set `disable` themselves (the project's do: collapse_progress keeps their last state).
     environment = dict(os.environ, **{TINY_VARIABLE: "1" if tiny else "0", "TQDM_DISABLE": "1"})
     client = NotebookClient(notebook, timeout=cell_timeout, kernel_name=kernel, allow_errors=False,
                             resources={"metadata": {"path": os.path.dirname(os.path.abspath(path))}},

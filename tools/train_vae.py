@@ -1,19 +1,14 @@
-"""
-Train a small diffusers AutoencoderKL (SD layout, 4 latent channels, downsampling 4) on a small dataset.
+"""Train a small diffusers AutoencoderKL (SD layout, 4 latent channels, downsampling 4) on a small dataset.
 
     python tools/train_vae.py --dataset digits --out runs/vae_digits      # 1.5-3 minutes on 2 CPU cores
     python train.py --vae runs/vae_digits ...                              # then use it as the frozen VAE
     python tools/train_vae.py --dataset fashion-mnist --out runs/vae-fashion --threads 1   # 1000 steps, ~4-5 min
 
-Writes VAE_DIR as `save_pretrained` does (config.json + weights, loadable by util.vaes.load_projection), with
-`scaling_factor` set to 1 / std of the training latents (of at most SCALE_IMAGES of them), plus
-VAE_DIR/training.json (where the VAE came from: dataset, directory, settings, val PSNR, seconds) and
-VAE_DIR/reconstructions.png (one val image per class on top, their reconstructions below, labelled). The loss is
-SD's VAE loss without its GAN and perceptual terms: L1 + L2 reconstruction and a small KL.
-"""
+Writes VAE_DIR as `save_pretrained` does, `scaling_factor` set to 1 / std of the training latents, plus
+training.json (where it came from: dataset, settings, val PSNR, seconds) and reconstructions.png (a val image
+per class over its reconstruction). The loss is SD's without its GAN and perceptual terms: L1 + L2 and a small KL."""
 
 import json
-import math
 import os
 import sys
 import time
@@ -26,25 +21,21 @@ import torch.nn.functional as F  # noqa: E402
 
 import lmd  # noqa: E402
 from util.cli import ArgumentParser, UserError, run_cli  # noqa: E402
-from util.datasets import DATASETS, load_image_tensors  # noqa: E402
+from util.datasets import DATASETS, load_image_source, load_image_tensors  # noqa: E402
 from util.devices import select_device  # noqa: E402
+from util.optim import learning_rate  # noqa: E402
+from util.pictures import GRID_MIN_SIDE, default_font, spread_over_classes  # noqa: E402
 
-# ----------------------------------------------------------------------------------------------------------------
-# Defaults, in one block. On --dataset digits, 500 steps of 16 images reach ~42 dB val PSNR (300: ~38 dB, 1000:
-# ~47 dB). 2 idle CPU cores: ~0.14 s a step, ~1.5 minutes in all. On a busy shared CPU, --threads 1 is much faster
-# (measured at load 4: 189 s with one thread, 763 s with PyTorch's two).
-DEFAULTS = dict(
-    dataset="digits", data_dir="./data", out=None, image_size=32, batch_size=16, lr=1e-3,
-    warmup_steps=50, kl_weight=1e-4, seed=0, device="auto", threads=0, grid_images=10, val_images=1000,
-)
-# The scaling factor's latent std is measured on at most this many training images (a seeded random subset):
-# encoding all of Fashion-MNIST's 60,000 would take 5 minutes on one CPU thread (~200 images/s), longer than the
-# training, and 2048 are enough (Fashion-MNIST, 1000-step VAE: 4 subsets of 2048 within 0.3% of 10,000 images' std).
+# On digits, 500 steps of 16 images reach ~42 dB val PSNR (300: ~38, 1000: ~47), ~1.5 minutes on 2 idle cores. On a
+# busy shared CPU --threads 1 is much faster (at load 4: 189 s with one thread, 763 s with PyTorch's two).
+DEFAULTS = dict(dataset="digits", data_dir="./data", out=None, image_size=32, batch_size=16, lr=1e-3, warmup_steps=50,
+                kl_weight=1e-4, seed=0, device="auto", threads=0, grid_images=10, val_images=1000)
+# The scaling factor's std is measured on at most this many training images (a seeded subset): all of Fashion-MNIST
+# would take 5 minutes on one thread; 4 subsets of 2048 were within 0.3% of 10,000 images' std.
 SCALE_IMAGES = 2048
 DEFAULT_STEPS = 500
-# Fashion-MNIST's textures (straps, collars, prints) need more: 250 steps ~20.5 dB, 500 ~22.7, 1000 ~24.4 (clothes
-# recognisable), 2000 ~25.5 (sharper prints). 0.25-0.55 s a step on one thread of a busy 2-core CPU: 1000 steps
-# are 4-9 minutes.
+# Fashion-MNIST's textures need more: 250 steps ~20.5 dB, 500 ~22.7, 1000 ~24.4 (clothes recognisable), 2000 ~25.5;
+# 1000 steps are 4-9 minutes on one thread of a busy 2-core CPU.
 DATASET_STEPS = {"fashion-mnist": 1000}
 BLOCK_OUT_CHANNELS = (32, 64, 64)  # 3 blocks: 2 downsamplings, so 32 px images give an 8 x 8 x 4 latent grid
 
@@ -121,14 +112,6 @@ def build_vae():
                          latent_channels=4, mid_block_add_attention=False)  # attention buys nothing on 8 x 8
 
 
-def learning_rate(step, flags):
-    """Linear warm-up to --lr, then a cosine decay to 0 at --steps (step counts from 0)."""
-    if step < flags["warmup_steps"]:
-        return flags["lr"] * (step + 1) / flags["warmup_steps"]
-    progress = (step - flags["warmup_steps"]) / max(1, flags["steps"] - flags["warmup_steps"])
-    return flags["lr"] * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train(vae, images, flags, device):
     """Fit vae on images [N, 3, S, S] in [0, 1]: L1 + L2 on a posterior sample's decoding, plus kl_weight * KL."""
     from tqdm import tqdm
@@ -149,7 +132,7 @@ def train(vae, images, flags, device):
         kl = posterior.kl().mean() / posterior.mean[0].numel()  # per latent element, so the weight is size-free
         loss = reconstruction_loss + flags["kl_weight"] * kl
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, flags)
+            group["lr"] = learning_rate(step, flags["steps"], flags["warmup_steps"], flags["lr"])   # cosine to 0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -161,11 +144,6 @@ def train(vae, images, flags, device):
 def batched(function, images, device, batch_size=256):
     """function applied to images [N, ...] a batch at a time on `device` -> its outputs, concatenated on the CPU."""
     return torch.cat([function(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)])
-
-
-def psnr_db(reconstructions, images):
-    """PSNR in dB of the mean squared error over the whole set (images in [0, 1])."""
-    return (10 * torch.log10(1 / F.mse_loss(reconstructions, images))).item()
 
 
 def scale_sample(images, seed):
@@ -180,7 +158,6 @@ def save_reconstructions(originals, reconstructions, captions, path, title):
     ('VAE'), each column captioned (its class), images drawn k times larger (k whole, k * S >= GRID_MIN_SIDE)."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
-    from util.pictures import GRID_MIN_SIDE, default_font
     label_width, title_height, caption_height = 60, 28, 22
     grid = make_grid(torch.cat([originals, reconstructions]).clamp(0, 1), nrow=len(originals), padding=2,
                      pad_value=1.0)
@@ -223,11 +200,9 @@ def main(argv=None):
     # Validation goes through lmd's own LatentProjection: the round trip LMD will see, scaling factor included.
     projection = lmd.LatentProjection(vae, flags["out"])
     reconstructions = batched(lambda x: projection.decode(projection.encode(x)), val_images, device)
-    val_psnr = psnr_db(reconstructions, val_images)
+    val_psnr = (10 * torch.log10(1 / F.mse_loss(reconstructions, val_images))).item()   # dB, over the whole set
     seconds = time.time() - start
 
-    from util.datasets import load_image_source
-    from util.pictures import spread_over_classes
     vae.save_pretrained(flags["out"])
     shown = spread_over_classes(val_labels.tolist(), min(flags["grid_images"], len(val_images)))
     classes = load_image_source(flags["dataset"], flags["data_dir"], "val", flags["image_size"]).classes

@@ -10,5 +10,4 @@
     checkpoints    atomic saves, a pretraining run's checkpoint, loading with one-line errors
     pretraining    around train.py's loop: resume, the run directory, stop requests, batches, the held-out loss
     probes         frozen-encoder features, the kNN probe and the converged linear probe
-    pictures       labelled reconstruction grids, curves, the schedules figure
-"""
+    pictures       labelled reconstruction grids, curves, the schedules figure"""

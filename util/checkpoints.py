@@ -1,5 +1,4 @@
-"""Checkpoints: atomic saves, a pretraining run's state (weights, optimizer, RNG), loading with one-line errors,
-and the model a run config describes."""
+"""Checkpoints: atomic saves, a run's state (weights, optimizer, RNG), loading with one-line errors, its model."""
 
 import os
 
@@ -8,6 +7,10 @@ import torch
 from util.cli import UserError
 from util.datasets import check_geometry
 from util.objective import of
+
+CHECKPOINT_KIND = "lmd-pretraining"
+# What --init must agree on: the same latent space and the same token layout.
+INIT_MUST_MATCH = ("vae", "image_size", "patch_size", "model")
 
 
 def save_atomic(obj, path):
@@ -32,11 +35,7 @@ def rng_state(device):
 
 def saved_cuda_rng_state(saved):
     """The CUDA RNG state [ByteTensor] to restore on this process's GPU from a checkpoint's rng["cuda"], or None.
-
-    Older checkpoints hold get_rng_state_all(): one state per GPU the saving process could see (8 on a node of 8),
-    and the first is its own (rank 0 and single-process runs use cuda:0). Restoring that whole list on a machine
-    with fewer GPUs indexed past its end, so only the saver's own state is restored, on whatever GPU this is.
-    """
+    Older checkpoints hold one state per GPU the saver saw (its own first); restoring them all fails on fewer GPUs."""
     if saved is None or torch.is_tensor(saved):
         return saved
     return saved[0] if len(saved) else None
@@ -47,9 +46,6 @@ def restore_rng_state(rng, device):
     cuda = saved_cuda_rng_state(rng.get("cuda"))
     if cuda is not None and device.type == "cuda":
         torch.cuda.set_rng_state(cuda, device)
-
-
-CHECKPOINT_KIND = "lmd-pretraining"
 
 
 def save_run(path, model, optimizer, step, config, device):
@@ -86,23 +82,15 @@ def load_model_state(model, state_dict, path):
 
 
 def build_model(config, projection, objective):
-    """The network of a run config (model, image_size, patch_size, the objective's own keys) and its `objective`
-    (LMD's masked latent ViT, or a relative's)."""
+    """The network of a run config (model, image_size, patch_size, the objective's own keys) and its `objective`."""
     grid = check_geometry(config["image_size"], projection.downsample, config["patch_size"])
     return objective.build(config, grid, projection.channels)
 
 
-# What --init must agree on: the same latent space and the same token layout.
-INIT_MUST_MATCH = ("vae", "image_size", "patch_size", "model")
-
-
 def load_init(model, path, config, objectives):
     """--init RUN: copy the weights of an earlier run (of one of `objectives`) into a new run's `model`. -> a record.
-
-    From an LMD run only the encoder is taken (its decoder learned to fill in masked tokens, not to denoise); from
-    a diffusion run (ddpm, MaskDM stage 1) every tensor whose name and shape fit. What is not copied (the time
-    conditioning when coming from LMD, a decoder, a head of another size) keeps its fresh initialisation.
-    """
+    Every tensor whose name and shape fit, but from LMD only the encoder (its decoder fills in masked tokens, no use
+    to a denoiser: see Objective.decoder_transfers); the rest keeps its fresh initialisation."""
     checkpoint = load_checkpoint(path)
     source = checkpoint["config"]
     for key in INIT_MUST_MATCH:

@@ -15,15 +15,15 @@ DATASETS = ("cifar10", "cifar100", "mnist", "fashion-mnist", "digits", "imagefol
 # 32 px sets are upsampled to 128 px so that a KL-f8 VAE gives a 16 x 16 latent grid; the small grey sets stay at 32.
 DEFAULT_IMAGE_SIZE = {"cifar10": 128, "cifar100": 128, "mnist": 32, "fashion-mnist": 32, "digits": 32,
                       "imagefolder": 224, "synthetic": 64}
-# A mirrored digit is not a digit: these sets get no flip augmentation. A mirrored garment keeps its label, but on
-# Fashion-MNIST flips measured a tie (LMD, 4 minutes, 2 data subsets: kNN +1.8 and +0.1 points, linear probe -0.6
-# and -0.7, each within one standard error; lab/docs/ablation.md), so it stays here.
+# No flip augmentation: a mirrored digit is not a digit. Fashion-MNIST's flips measured a tie (kNN +1.8/+0.1 points,
+# linear probe -0.6/-0.7, each within one standard error; lab/docs/ablation.md), so it stays here.
 NO_FLIP = ("mnist", "fashion-mnist", "digits")
 SYNTHETIC_CLASSES = ("disk", "square", "triangle", "ring", "plus", "cross", "diamond", "frame", "bar", "two-dots")
 # Bumped whenever a generated or package-shipped set changes, so that a latent cache made from the old one is rebuilt.
 SOURCE_VERSIONS = {"synthetic": 2, "digits": 2, "mnist": 1, "fashion-mnist": 1}
 DIGITS_SPLIT_SEED, DIGITS_VAL_FRACTION = 0, 0.2
 PAPER_VAE_FACTOR = 8   # the SD VAE's downsampling: what the pixel patch of --vae none is sized against
+AUGMENTATIONS = ("none", "flip", "crop", "full")
 
 
 def default_latent_patch(grid):
@@ -32,12 +32,9 @@ def default_latent_patch(grid):
 
 
 def default_patch_size(image_size, downsample):
-    """The patch side when --patch-size is not given, from the image size and the VAE's factor alone.
-
-    On latents: default_latent_patch of the latent grid (at least 16 tokens). In pixels (downsample 1): the latent
-    patch an SD VAE would get, times its factor / 2, so a pixel token covers a quarter of a latent token's area, as
-    in the paper (16 px against 4 latent cells of 8 px). 224 px: 4 on latents, 16 in pixels; 32 px: 4 in pixels.
-    """
+    """The patch side without --patch-size: on latents default_latent_patch of the grid; in pixels (downsample 1)
+    an SD VAE's latent patch times 8 / 2, so a pixel token covers a quarter of a latent token's area, as in the paper
+    (16 px against 4 latent cells of 8 px). 224 px: 4 on latents, 16 in pixels; 32 px: 4 in pixels."""
     if downsample > 1:
         return default_latent_patch(image_size // downsample)
     return max(1, default_latent_patch(max(image_size // PAPER_VAE_FACTOR, 1)) * PAPER_VAE_FACTOR // 2)
@@ -76,11 +73,8 @@ def _shape_mask(kind, u, v):
 
 
 def synthetic_image(index, image_size, seed=0):
-    """One procedural image [3, S, S] in [0, 1] and its label: a coloured shape on a striped, noisy background.
-
-    The label is the shape (10 classes); colours, position, size and texture are nuisances, so the label can be
-    learned from the image but not from its mean colour. Fully determined by (seed, index).
-    """
+    """One procedural image [3, S, S] in [0, 1] and its label, fully determined by (seed, index): a coloured shape
+    (the label, 10 classes) on a striped, noisy background; colour, position, size and texture are nuisances."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + index)
     label = index % len(SYNTHETIC_CLASSES)
     uniform = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
@@ -116,11 +110,7 @@ class SyntheticShapes(torch.utils.data.Dataset):
 
 
 class Digits(torch.utils.data.Dataset):
-    """scikit-learn's 1,797 real handwritten digits (8 x 8, 16 grey levels), upsampled to [3, S, S] in [0, 1].
-
-    Shipped inside scikit-learn, so it needs no download: the offline real set. The split is fixed and stratified
-    (a fifth of each class is validation).
-    """
+    """scikit-learn's 1,797 handwritten digits (8 x 8) as [3, S, S] in [0, 1]: the offline real set; a fixed split."""
 
     def __init__(self, split="train", image_size=32):
         from sklearn.datasets import load_digits
@@ -143,9 +133,8 @@ class Digits(torch.utils.data.Dataset):
         return self.images[index], self.targets[index]
 
 
-# Where a system package puts the four gzipped idx files. Debian ships Fashion-MNIST as dataset-fashion-mnist; it has
-# no MNIST package (`apt-cache search mnist` on Debian 13 lists only that one), so the MNIST folder is the same
-# convention, read when someone copies the files there by hand.
+# Where a system package puts the four gzipped idx files: Debian ships dataset-fashion-mnist, no MNIST package (the
+# MNIST folder is the same convention, for files copied there by hand).
 SYSTEM_FOLDERS = {"fashion-mnist": "/usr/share/datasets/fashion-mnist", "mnist": "/usr/share/datasets/mnist"}
 SYSTEM_PACKAGES = {"fashion-mnist": "dataset-fashion-mnist"}
 RAW_FOLDERS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}   # torchvision's DATA_DIR/<name>/raw
@@ -178,10 +167,7 @@ def read_idx_bytes(path):
 
 def parse_idx(data, path, kind):
     """idx bytes -> uint8 tensor of the sizes in the header: [N, rows, cols] for IDX_IMAGES, [N] for IDX_LABELS.
-
-    The header is a big-endian int32 magic (2051 images, 2049 labels), one big-endian int32 per size, then the
-    bytes. A wrong magic or a length other than the sizes' product is a clear error, never a misread tensor.
-    """
+    Header: big-endian int32 magic, one int32 per size. A wrong magic or length is an error, never a misread tensor."""
     magic, dims = kind
     head = 4 * (1 + dims)
     found = int.from_bytes(data[:4], "big") if len(data) >= 4 else "none"
@@ -209,9 +195,7 @@ def _read_split(images_path, labels_path, stamp):
     if len(labels) and labels.max() > 9:
         raise UserError(f"{labels_path} has label {labels.max().item()}; MNIST and Fashion-MNIST have 10 classes")
     # The digest is of the content (decompressed), so a re-gzipped copy reuses a latent cache and other images never do.
-    digest = hashlib.sha256(images_bytes)
-    digest.update(labels_bytes)
-    return images, labels, digest.hexdigest()
+    return images, labels, hashlib.sha256(images_bytes + labels_bytes).hexdigest()
 
 
 class IdxImages(torch.utils.data.Dataset):
@@ -233,13 +217,9 @@ class IdxImages(torch.utils.data.Dataset):
 
 
 def load_mnist(dataset, data_dir, split):
-    """MNIST or Fashion-MNIST as an IdxImages, from the first place that holds the split's two idx files:
-
-    DATA_DIR itself (a folder of the four files, e.g. --data-dir /usr/share/datasets/fashion-mnist), the system
-    package's folder (SYSTEM_FOLDERS), then DATA_DIR/FashionMNIST/raw (or MNIST/raw) gzipped or not whatever their
-    MD5, and last torchvision's download into that raw folder. The files are read here, not by torchvision, whose
-    MD5 check refuses Debian's re-gzipped copies of the same content.
-    """
+    """MNIST or Fashion-MNIST as an IdxImages, from the first place with the split's two idx files: DATA_DIR itself,
+    SYSTEM_FOLDERS, DATA_DIR/FashionMNIST/raw (or MNIST/raw) whatever their MD5, last torchvision's download there.
+    Read here, not by torchvision, whose MD5 check refuses Debian's re-gzipped copies of the same content."""
     import torchvision
     cls = torchvision.datasets.MNIST if dataset == "mnist" else torchvision.datasets.FashionMNIST
     raw = os.path.join(data_dir, RAW_FOLDERS[dataset], "raw")
@@ -257,65 +237,49 @@ def load_mnist(dataset, data_dir, split):
 
 def not_found_error(dataset, data_dir, split, raw, error):
     """The one-line error when no place has the files: the three places looked in, and the offline ways out."""
-    from util.vaes import OFFLINE_WAY_OUT
+    from util.vaes import OFFLINE_WAY_OUT, first_line
     system = SYSTEM_FOLDERS[dataset]
     package = (f"apt-get install {SYSTEM_PACKAGES[dataset]}" if dataset in SYSTEM_PACKAGES
                else "no Debian package ships it: copy the files there")
     return UserError(f"could not find {dataset}'s {IDX_PREFIX[split]}-images-idx3-ubyte[.gz] and "
                      f"{IDX_PREFIX[split]}-labels-idx1-ubyte[.gz] in (1) {system} ({package}), nor (2) {raw} (any "
-                     f"MD5) or {data_dir} itself, and (3) could not download {dataset} ({type(error).__name__}: "
-                     f"{str(error).splitlines()[0] if str(error) else ''}). Offline? Do (1) or (2), or "
-                     f"{OFFLINE_WAY_OUT}")
+                     f"MD5) or {data_dir} itself, and (3) could not download {dataset} ({first_line(error)}). "
+                     f"Offline? Do (1) or (2), or {OFFLINE_WAY_OUT}")
 
 
 def download_error(dataset, data_dir, error, folder):
     """The one-line error of a failed download: what failed, where the files would go, and the offline way out."""
-    from util.vaes import OFFLINE_WAY_OUT
-    return UserError(f"could not download {dataset} into {data_dir!r} ({type(error).__name__}: "
-                     f"{str(error).splitlines()[0] if str(error) else ''}). Offline? Put the files in "
-                     f"{os.path.join(data_dir, folder)}, or {OFFLINE_WAY_OUT}")
-
-
-AUGMENTATIONS = ("none", "flip", "crop", "full")
+    from util.vaes import OFFLINE_WAY_OUT, first_line
+    return UserError(f"could not download {dataset} into {data_dir!r} ({first_line(error)}). Offline? Put the files "
+                     f"in {os.path.join(data_dir, folder)}, or {OFFLINE_WAY_OUT}")
 
 
 def image_transform(image_size, augment):
-    """augment: 'none' (resize), 'flip' (+ random horizontal flip), 'crop' (random resized crop, MAE's scale
-    0.2-1) or 'full' (crop + flip)."""
+    """augment: 'none' (resize), 'flip' (+ horizontal flip), 'crop' (random resized crop, MAE's scale 0.2-1), 'full'."""
     from torchvision import transforms
-    steps = [to_tensor]
-    if augment in ("crop", "full"):
-        steps.append(transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True))
-    else:
-        steps.append(transforms.Resize((image_size, image_size), antialias=True))
+    steps = [to_tensor, transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0), antialias=True)
+             if augment in ("crop", "full") else transforms.Resize((image_size, image_size), antialias=True)]
     if augment in ("flip", "full"):
         steps.append(transforms.RandomHorizontalFlip())
     return transforms.Compose(steps)
 
 
 def to_tensor(image):
-    """A PIL image -> [3, H, W] float in [0, 1]; a tensor source (synthetic, digits) is one already: no round trip
-    through 8-bit pixels, which cost more than the training step of a small model."""
+    """A PIL image -> [3, H, W] float in [0, 1]; a tensor (synthetic, digits) as it is: 8-bit round trips are slow."""
     from torchvision.transforms.functional import to_tensor as pil_to_tensor
     return image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
 
 
 def default_augment(dataset, cached):
-    """MAE's augmentation where it is possible: random resized crops need images (not cached latents); a flip
-    only for sets whose mirror images are still members of their class."""
-    crop = "none" if cached else "crop"
+    """MAE's augmentation where possible: crops need images (not cached latents); flips need sets not in NO_FLIP."""
     if dataset in NO_FLIP:
-        return crop
+        return "none" if cached else "crop"
     return "flip" if cached else "full"
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Images [3, S, S] in [0, 1] with labels, from any source, with reproducible augmentation.
-
-    Indexing with (index, seed) applies the random augmentation under that seed, so the batches of a run are a
-    function of the run's seed and step alone, whatever the number of loader workers, and a resumed run sees
-    exactly the images it would have seen.
-    """
+    """Images [3, S, S] in [0, 1] with labels, from any source. Indexing with (index, seed) augments under that seed:
+    a run's batches depend on its seed and step alone (not on the loader workers), so a resume is exact."""
 
     def __init__(self, source, image_size, augment="none"):
         self.source, self.image_size = source, image_size
@@ -332,18 +296,15 @@ class ImageDataset(torch.utils.data.Dataset):
             image = image.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
-                # The CPU generator alone, which the transforms draw from: torch.manual_seed would also reseed every
-                # GPU (unrestored by this fork) and, with CUDA not initialised, formats a stack trace each time
-                # (about 1 ms an image).
+                # The CPU generator alone: torch.manual_seed would also reseed every GPU (unrestored by this fork)
+                # and, with CUDA not initialised, format a stack trace each time (about 1 ms an image).
                 torch.default_generator.manual_seed(seed)
             return self.transform(image), label
 
 
 def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000):
-    """The raw dataset for `split` ('train' or 'val'): items are (PIL image or tensor, label), with `.classes`.
-
-    It also carries `.provenance`: what a latent cache must match to be reused (see source_provenance).
-    """
+    """The raw dataset for `split` ('train' or 'val'): items are (PIL image or tensor, label), with `.classes` and
+    `.provenance` (what a latent cache must match to be reused: source_provenance)."""
     import torchvision
     if dataset == "synthetic":
         source = SyntheticShapes(split, image_size, synthetic_size)
@@ -368,9 +329,8 @@ def load_image_source(dataset, data_dir, split, image_size, synthetic_size=5000)
 
 
 def source_provenance(dataset, source, synthetic_size):
-    """What identifies the images of a source: a version and split seed for generated and shipped sets, the
-    size of the synthetic set, a digest of the idx files' content for MNIST and Fashion-MNIST, and for an image
-    folder a fingerprint of its file list (names, sizes, times)."""
+    """What identifies a source's images: a version (and split seed or size) for generated and shipped sets, the idx
+    files' digest for MNIST and Fashion-MNIST, an image folder's file list (names, sizes, times) fingerprinted."""
     if dataset in SOURCE_VERSIONS:
         record = dict(version=SOURCE_VERSIONS[dataset], count=len(source))
         if dataset == "digits":
@@ -392,8 +352,7 @@ def source_provenance(dataset, source, synthetic_size):
 def load_image_tensors(dataset, data_dir, split, image_size):
     """A whole (small) split in memory, un-augmented: images [N, 3, S, S] float in [0, 1], labels [N] long."""
     images = ImageDataset(load_image_source(dataset, data_dir, split, image_size), image_size)
-    loader = torch.utils.data.DataLoader(images, batch_size=256)
-    batches = list(loader)
+    batches = list(torch.utils.data.DataLoader(images, batch_size=256))
     return torch.cat([b[0] for b in batches]), torch.cat([torch.as_tensor(b[1]) for b in batches]).long()
 
 
@@ -414,8 +373,7 @@ def require_folder(folder):
 
 
 def read_image(path):
-    """Open one image file as RGB. An unreadable file stops the run with its name: silently training on fewer
-    images than the user has would be worse."""
+    """Open one image file as RGB; an unreadable one stops the run (silently training on fewer would be worse)."""
     from PIL import Image
     try:
         with Image.open(path) as image:
@@ -425,10 +383,7 @@ def read_image(path):
 
 
 def check_same_classes(train_folder, val):
-    """Validation classes must be the training classes, in the same order, or labels would silently differ.
-
-    Only the class folder names of train are listed: scanning its images (a million for ImageNet) is not needed.
-    """
+    """Validation classes must be train's, in order, or labels would silently differ (train's images go unscanned)."""
     from torchvision.datasets.folder import find_classes
     require_folder(train_folder)
     train_classes = find_classes(train_folder)[0]

@@ -24,10 +24,7 @@ def select_device(name="auto"):
 
 def autocast_dtype(precision, device):
     """bf16 autocast on CUDA when the GPU has bf16 units ('auto'), fp32 elsewhere unless bf16 is asked for explicitly.
-
-    V100s and T4s have none: torch runs bf16 there by emulation (is_bf16_supported() says yes by default), slower
-    than fp32. So only native support counts.
-    """
+    Only native support counts: V100s and T4s emulate bf16 (is_bf16_supported() says yes), slower than fp32."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
@@ -38,10 +35,8 @@ def autocast_dtype(precision, device):
 
 
 def timeout_minutes():
-    """The process-group timeout: how long a collective (a barrier, an all-reduce) waits for the slowest rank before
-    the run fails. NCCL's default, 10 minutes, is shorter than rank 0 scanning a large image folder while the others
-    wait; 60 minutes by default, LMD_TIMEOUT_MINUTES to change it (a hung run then waits that long before it fails).
-    """
+    """How long a collective (barrier, all-reduce) waits for the slowest rank: LMD_TIMEOUT_MINUTES, default 60.
+    NCCL's 10 minutes is shorter than rank 0 scanning a large image folder while the others wait."""
     return float(os.environ.get("LMD_TIMEOUT_MINUTES", 60))
 
 
@@ -76,10 +71,7 @@ class Distributed:
         return self.any_each(flag)[0]
 
     def any_each(self, *flags):
-        """For each flag, whether it is true on any rank: [bool], the same on every rank, from one all-reduce.
-
-        A flag is a bool or a one-element tensor on the device (a device tensor is read here, in the same host sync).
-        """
+        """For each flag (a bool or a one-element device tensor), whether it is true on any rank: one all-reduce."""
         device = self.device if self.device.type == "cuda" else torch.device("cpu")   # gloo: CPU, NCCL: CUDA
         values = torch.stack([torch.as_tensor(flag, device=device).float().reshape(()) for flag in flags])
         if self.enabled:
@@ -87,10 +79,8 @@ class Distributed:
         return [bool(value) for value in values.tolist()]
 
     def main_first(self, function):
-        """function() on rank 0 first, then on the other ranks: a download into a shared folder happens once.
-
-        If it fails on rank 0, the other ranks stop too (with an error that points at rank 0's) instead of waiting.
-        """
+        """function() on rank 0 first, then on the other ranks: a download into a shared folder happens once. If it
+        fails on rank 0, the other ranks stop too (with an error that points at rank 0's) instead of waiting."""
         result, error = None, None
         if self.is_main:
             try:
@@ -110,12 +100,8 @@ class Distributed:
 
 
 def compile_transformer_blocks(model):
-    """torch.compile every transformer block in place (where nearly all the FLOPs are), not the whole model.
-
-    The masking step turns the mask ratio, a Python float that changes at every step of a progressive schedule,
-    into a token count; a compiled whole model would recompile at each new ratio (and give up after eight). The
-    blocks only see tensors whose length varies, which dynamic shapes handle without recompiling.
-    """
+    """torch.compile every transformer block in place (nearly all the FLOPs), not the whole model, which would
+    recompile at each new mask ratio (a Python float) and give up after eight: dynamic shapes cover the blocks."""
     for module in model.modules():
         if isinstance(module, lmd.Block):
             module.compile(dynamic=True)
@@ -123,8 +109,7 @@ def compile_transformer_blocks(model):
 
 
 def loader_workers(requested=None):
-    """Image-loading processes per training process: the requested number, or by default this node's cores shared
-    among its training processes (torchrun's LOCAL_WORLD_SIZE), less one for the training loop, at most 8."""
+    """Loader processes per training process: `requested`, or its share of the node's cores less one, at most 8."""
     if requested is not None:
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 2)
@@ -133,24 +118,16 @@ def loader_workers(requested=None):
 
 
 def ignore_stop_signals(worker_id=None):
-    """A DataLoader worker_init_fn: image-loading processes ignore SIGINT and SIGTERM.
-
-    SLURM sends SIGTERM to every process of a job, and Ctrl-C reaches the whole process group. The training process
-    saves and stops at the end of its step, then shuts its workers down itself; a worker killed by the signal would
-    make it raise before it saves. (A worker whose parent is gone exits by itself: PyTorch's watchdog.)
-    """
+    """A DataLoader worker_init_fn: loader processes ignore SIGINT and SIGTERM (SLURM and Ctrl-C signal them all), so
+    that the training process saves before it shuts them down. (An orphan exits by itself: PyTorch's watchdog.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @atexit.register   # atexit runs last-registered first: this comes before multiprocessing's own exit handler
 def stop_loader_workers():
-    """At exit, SIGKILL the loader workers still alive (daemonic children), and reap them.
-
-    They ignore SIGTERM (ignore_stop_signals), so multiprocessing's exit handler, which SIGTERMs daemonic children
-    and then joins them, would wait forever: a run stopped mid-epoch (its DataLoader iterator never reached its
-    end, so nothing shut the workers down) would save, print how to continue, and hang.
-    """
+    """At exit, SIGKILL the loader workers still alive (daemonic children), and reap them. They ignore SIGTERM, so
+    multiprocessing's exit handler (SIGTERM, then join) would wait forever: a run stopped mid-epoch would hang."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
@@ -158,8 +135,7 @@ def stop_loader_workers():
 
 
 def images_per_second(run, count, device, repeats=5):
-    """Time `run()`, which processes `count` images: two warm-up calls (kernel choice, allocator), then `repeats`
-    timed ones with the device synchronised around them."""
+    """Images per second of `run()` (`count` images): two warm-up calls, then `repeats` timed ones, synchronised."""
     import time
     synchronize = dict(cuda=torch.cuda.synchronize, mps=lambda: torch.mps.synchronize()).get(device.type, lambda: None)
     run(), run()

@@ -1,25 +1,19 @@
-"""The latent cache: every image (and its mirror image) encoded by the frozen VAE once, stored on disk.
+"""The latent cache: every image (and its mirror image) encoded once by the frozen VAE, kept in DATA_DIR/lmd_latents/
+as an index NAME.pt (provenance, shape, class names; written last, atomically: a cache is used only once its index
+exists) and raw, preallocated files in NAME.parts/:
 
-One cache is a few files under DATA_DIR/lmd_latents/:
+    latents.f16   latents [N, 2, C, h, w] float16 (chunk k at byte k x CHUNK x an image's bytes), memory-mapped
+    labels.i64    labels [N] int64
+    done.u8       one byte per chunk of CHUNK images: 1 once its latents and labels are on disk
+    build.pt      the settings these files are being built with
 
-    NAME.pt               the index: provenance, shape and class names. Written last, atomically: a cache is
-                          complete, and used, only once its index exists
-    NAME.parts/
-        latents.f16       latents [N, 2, C, h, w] float16, raw (no header: chunk k starts at byte k x CHUNK x the
-                          bytes of an image), preallocated, read memory-mapped
-        labels.i64        labels [N] int64, raw
-        done.u8           one byte per chunk of CHUNK images: 1 once that chunk's latents and labels are on disk
-        build.pt          the settings these files are being built with
-
-Every process of a torchrun job encodes its share of the chunks (chunk k goes to rank k % world_size) with its own
-loader workers and writes them in place, so nobody waits for one rank to encode the whole split, and no process
-holds more than one chunk in memory. A killed build keeps its finished chunks: the same command, with any number
-of processes, encodes only the rest. Rank 0 checks a complete cache against the images; the other ranks open it
-without them.
-"""
+Each torchrun process encodes its share of the chunks (chunk k on rank k % world_size) and writes them in place,
+holding one chunk in memory. A killed build keeps its finished chunks: the same command, with any number of
+processes, encodes only the rest. Rank 0 checks a complete cache against the images; the others open it without."""
 
 import math
 import os
+import pathlib
 import shutil
 import sys
 
@@ -36,20 +30,15 @@ ENCODE_BATCH = 32    # images per VAE call while building, unless the config say
 
 
 def cache_file(data_dir, dataset, split, vae, image_size, count=None):
-    """The index of (dataset, split, VAE, image size): DATA_DIR/lmd_latents/<name>.pt.
-
-    `count` is part of the name only where it is a setting (the synthetic set's size); elsewhere it comes from the
-    data, and putting it in the name would mean counting the images (for an image folder, listing every file).
-    """
+    """The index of (dataset, split, VAE, image size): DATA_DIR/lmd_latents/<name>.pt. `count` is in the name only
+    where it is a setting (the synthetic set's size): elsewhere naming it would mean counting the images."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in vae_name(vae).strip("/"))[-60:]
     return os.path.join(data_dir, "lmd_latents", f"{dataset}-{split}{count or ''}-{slug}-{image_size}px.pt")
 
 
 def cache_provenance(dataset, split, projection, image_size, source=None, autocast=None):
-    """What a cache must match to be used: the VAE (its weights' fingerprint), the geometry, the encoding precision
-    (`autocast`: bf16 latents differ from fp32 ones) and, with the images at hand (`source`), their count and
-    identity (source.provenance: a version and split seed, or a folder's file list). Without `source`, a complete
-    cache is taken as it is for the images."""
+    """What a cache must match: the VAE's fingerprint, the geometry, the precision (`autocast`) and, given the images
+    (`source`), their count and provenance; without them a complete cache is taken as it is."""
     record = dict(dataset=dataset, split=split, vae=vae_name(projection.name), vae_fingerprint=fingerprint(projection),
                   image_size=image_size, scaling_factor=projection.scaling_factor, dtype="float16",
                   encoding=encoding_name(projection, autocast))
@@ -59,11 +48,8 @@ def cache_provenance(dataset, split, projection, image_size, source=None, autoca
 
 
 def open_cache(path, expected, announce=True):
-    """The complete cache at `path` if its provenance has every entry of `expected`, else None (saying why).
-
-    Returns dict(latents [N, 2, C, h, w] fp16, labels [N] int64, provenance, classes), memory-mapped: a large
-    cache is paged in on demand instead of read whole.
-    """
+    """The complete cache at `path` if its provenance has every entry of `expected`, else None (saying why):
+    dict(latents [N, 2, C, h, w] fp16, labels [N] int64, provenance, classes), memory-mapped."""
     if not os.path.exists(path):
         return None
     try:
@@ -81,11 +67,7 @@ def open_cache(path, expected, announce=True):
 
 def build_cache(path, provenance, images, projection, dist, workers=0, description="encoding latents",
                 autocast=None, encode_batch_size=None):
-    """Encode `images` (an ImageDataset) into the cache at `path`, every rank its share of the chunks, with
-    vaes.encode_images (`autocast`, `encode_batch_size` images per VAE call).
-
-    All ranks call it. A build killed earlier with the same settings is resumed: its finished chunks are kept.
-    """
+    """Encode `images` (an ImageDataset) into the cache at `path`: all ranks call it; a killed build is resumed."""
     parts, count = _parts(path), len(images)
     grid = images.image_size // projection.downsample
     shape = (count, 2, projection.channels, grid, grid)
@@ -94,7 +76,7 @@ def build_cache(path, provenance, images, projection, dist, workers=0, descripti
             os.remove(path)   # a stale index: the cache is incomplete until this build ends
         _start_or_resume(parts, dict(provenance=provenance, shape=shape, chunk=CHUNK))
     dist.barrier()
-    done = _read_bytes(os.path.join(parts, "done.u8"))
+    done = pathlib.Path(parts, "done.u8").read_bytes()
     mine = [chunk for chunk in range(dist.rank, len(done), dist.world_size) if not done[chunk]]
     image_bytes = math.prod(shape[1:]) * 2
     encode = lambda batch: encode_images(projection, batch, autocast, encode_batch_size)  # noqa: E731
@@ -107,7 +89,7 @@ def build_cache(path, provenance, images, projection, dist, workers=0, descripti
         _write_at(os.path.join(parts, "done.u8"), chunk, torch.ones(1, dtype=torch.uint8))   # last: now it counts
     dist.barrier()   # every rank's chunks are on disk
     if dist.is_main:
-        missing = _read_bytes(os.path.join(parts, "done.u8")).count(0)
+        missing = pathlib.Path(parts, "done.u8").read_bytes().count(0)
         if missing:
             raise RuntimeError(f"{missing} chunks of {parts} were not written; run again to finish the build")
         save_atomic(dict(provenance=provenance, shape=shape, classes=list(images.classes)), path)
@@ -115,15 +97,9 @@ def build_cache(path, provenance, images, projection, dist, workers=0, descripti
 
 
 def dataset_latents(config, split, projection, dist, source=None):
-    """The cached latents of one split for a run config; if there is no complete matching cache, every rank builds
-    its share of it first.
-
-    config: dataset, data_dir, image_size, vae, synthetic_size, num_workers, and optionally precision (default
-    'auto') and encode_batch_size: the cache is encoded as train.py --no-cache encodes. Rank 0 checks it against the
-    images (downloading them first if needed); the other ranks take its word and open a complete cache without
-    the images (an image folder of a million files is listed once, not once per rank), unless they build.
-    Returns dict(latents [N, 2, C, h, w] fp16 memory-mapped, labels [N], provenance, classes).
-    """
+    """The cached latents of one split for a run config, built first (as --no-cache encodes) if none matches: as
+    open_cache. Rank 0 checks the cache against the images; the others take its word and open it without them (a
+    folder of a million files is listed once, not once per rank), unless they build."""
     path = cache_file(config["data_dir"], config["dataset"], split, config["vae"], config["image_size"],
                       _named_count(config, split))
     autocast = devices.autocast_dtype(config.get("precision", "auto"), dist.device)
@@ -171,12 +147,11 @@ def _mapped(path, shape, dtype):
 
 
 def _start_or_resume(parts, record):
-    """Rank 0: keep the files of an unfinished build with the same settings (its finished chunks with them), or
-    create empty ones: preallocated, so that every rank can write its chunks in place."""
+    """Rank 0: keep an unfinished build's files if its settings match, else preallocate empty ones for every rank."""
     record_path = os.path.join(parts, "build.pt")
     try:
         if torch.load(record_path, weights_only=True) == record:
-            done = _read_bytes(os.path.join(parts, "done.u8"))
+            done = pathlib.Path(parts, "done.u8").read_bytes()
             print(f"resuming the unfinished latent cache build in {parts}: {sum(done)} of {len(done)} chunks "
                   "were done", file=sys.stderr)
             return
@@ -194,12 +169,8 @@ def _start_or_resume(parts, record):
 
 @torch.no_grad()
 def _encode_chunks(images, chunks, encode, batch_size, dist, workers, description):
-    """For each chunk in `chunks`: (chunk, latents [n, 2, C, h, w] fp16 CPU, labels [n]), loaded `batch_size`
-    images at a time by `workers` processes and encoded by `encode` (images [B, 3, S, S] -> latents).
-
-    Both flips are stored because the VAE is not flip-equivariant: caching one randomly flipped sample would
-    freeze the augmentation, caching both keeps it.
-    """
+    """For each chunk in `chunks`: (chunk, latents [n, 2, C, h, w] fp16 CPU, labels [n]), encoded by `encode`.
+    Both flips are kept: the VAE is not flip-equivariant, and caching one random flip would freeze the augmentation."""
     from tqdm import tqdm
     ranges = {chunk: range(chunk * CHUNK, min((chunk + 1) * CHUNK, len(images))) for chunk in chunks}
     batches = [(chunk, list(indices[start:start + batch_size]))
@@ -229,17 +200,9 @@ def _write_at(path, offset, tensor):
         os.fsync(file.fileno())
 
 
-def _read_bytes(path):
-    with open(path, "rb") as file:
-        return file.read()
-
-
 class Split:
-    """One split as classifier inputs: the cached VAE latents, or (pixel runs, --vae none) images loaded on the fly.
-
-    Both give the same thing for a list of indices and flips: inputs [B, C, h, w] and labels [B] on the device.
-    A complete cache needs no images: only rank 0 opens them, and only to check the cache (see dataset_latents).
-    """
+    """One split as classifier inputs [B, C, h, w] and labels [B] on the device, for indices and flips: the cached
+    VAE latents (only rank 0 opens the images, to check the cache), or (--vae none) images loaded on the fly."""
 
     def __init__(self, config, split, projection, dist):
         self.config, self.split, self.projection, self.device = config, split, projection, dist.device

@@ -1,6 +1,5 @@
-"""What train.py and finetune.py ask of a pretraining objective, in one record. LMD's record is in train.py; the lab
-(lab/__init__.py) adds its relatives' (ddpm, MaskDM, UMD) and passes them in: train.main(argv, objectives=...).
-The core asks the record and never compares an objective's name."""
+"""What train.py and finetune.py ask of a pretraining objective, in one record (LMD's is in train.py; the lab passes
+its relatives' in: train.main(argv, objectives=...)). The core asks the record, never an objective's name."""
 
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -10,8 +9,7 @@ from util.cli import UserError
 
 @dataclass
 class Flag:
-    """One of an objective's own train.py flags: its config key's default, its help, and argparse's extras
-    (type=float, choices=..., action=...). `--mask-ratio` is the flag of the key `mask_ratio`."""
+    """One of an objective's own train.py flags (`--mask-ratio` for key `mask_ratio`): default, help, argparse's."""
     default: object
     help: str
     argparse: dict = field(default_factory=dict)
@@ -24,30 +22,25 @@ def flag(default, help, **argparse):
 
 @dataclass
 class Objective:
-    """An objective of train.py --objective NAME.
+    """An objective of train.py --objective NAME:
 
     name             the --objective value, and config["objective"] of its runs
     summary          a few words for --objective's help: what it trains
     build            (config, grid, channels) -> the network, an nn.Module with train.py's training call
                      model(latents, mask_ratio, normalize_targets, generator=...) -> (loss, predictions, mask)
-    schedule         config -> the mask ratio as a function of training progress in [0, 1]; it raises
-                     lmd.ConfigError for a setting that cannot work
+    schedule         config -> the mask ratio as a function of training progress in [0, 1] (or lmd.ConfigError)
     flags            its own train.py flags {config key: Flag}; the other objectives' flags are refused with it
     defaults         its values for train.py's shared flags where they differ from LMD's (batch size, lr, ...)
     held_out_ratio   config -> the ratio of the held-out loss (None: the schedule's ratio at the end of training)
     loss_name        what its loss is, in words ("masked-token loss", "eps loss")
     held_out_key     the held-out loss's name in summary.json and eval.json
-    sample_grid      (model, projection, config) -> the writer of its grid pictures when they are generated samples;
-                     None: reconstructions of masked validation images (util/pictures.GridWriter)
+    sample_grid      (model, projection, config) -> its grid writer when grids are samples; None: pictures.GridWriter
     sampler          how the lab's sampler samples it: dict(sampling_steps, eta) of DDIM; None: it cannot generate
     describe         config -> its masking and noise in a few words, for the line a run starts with
-    decoder_transfers  whether --init from one of its runs takes the decoder too (LMD's fills in masked tokens:
-                     no use to a denoiser, so only its encoder is taken)
-    lowest_time      config -> the model time of the least noisy input its encoder was trained on: None (no time
-                     input), 0 (clean) or 1 (noise level 0); the probes read the encoder there
-    probe_inputs     (latents, time, indices, seed) -> (inputs, times [B]): the encoder's input at model `time`
-                     (noised with each image's own noise); None: an objective without a time input
-    """
+    decoder_transfers  whether --init from its runs takes the decoder too (not LMD's: no use to a denoiser)
+    lowest_time      config -> the model time of its least noisy training input, read by the probes (None, 0 or 1)
+    probe_inputs     (latents, time, indices, seed) -> (inputs, times [B]) at model `time`, each image's own noise;
+                     None: an objective without a time input"""
     name: str
     summary: str
     build: Callable
@@ -74,8 +67,7 @@ class Objective:
 
 
 def of(config, objectives):
-    """The record of a run's config among `objectives` {name: Objective} (runs from before --objective existed are
-    LMD runs); an objective that this script was not given (a relative, without the lab) is one line."""
+    """The record of a run's config among `objectives` {name: Objective} (older runs: LMD); a missing one: UserError."""
     name = config.get("objective", "lmd")
     if name not in objectives:
         raise UserError(f"the objective {name!r} is not one of this script's ({', '.join(objectives)}): the relatives "

@@ -26,13 +26,9 @@ def learning_rate(step, total_steps, warmup_steps, peak_lr, min_lr=0.0):
 
 
 def layer_decay_groups(classifier, weight_decay, layer_decay):
-    """Optimiser groups of a LatentClassifier with layer-wise lr decay; each group carries `lr_scale`.
-
-    With n encoder blocks, the patch embedding and class token are layer 0, block k is layer k + 1, the final norm
-    and the head are layer n + 1; layer i trains at lr * layer_decay ** (n + 1 - i), so the head gets the full lr
-    and early layers, which hold the most general features, move least. Frozen parameters are skipped; no weight
-    decay where skips_weight_decay says so.
-    """
+    """Optimiser groups of a LatentClassifier with layer-wise lr decay (`lr_scale`), frozen parameters skipped. The
+    patch embedding and class token are layer 0, block k layer k + 1, the final norm and head layer n + 1 (n blocks);
+    layer i trains at lr * layer_decay ** (n + 1 - i): the early, most general layers move least."""
     top = len(classifier.encoder.blocks) + 1
     groups = {}
     for name, parameter in classifier.named_parameters():

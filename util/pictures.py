@@ -1,7 +1,5 @@
 """Pictures: reconstruction grids decoded back to pixels through the frozen VAE, training curves, the schedules.
-
-Rendering only reads the model and draws its masks from its own generator, so a grid written in the middle of
-training changes neither the weights nor any random stream of the run (resume stays exact)."""
+A grid reads the model and draws masks from its own generator: one written mid-training leaves the run as it was."""
 
 import itertools
 import json
@@ -20,8 +18,7 @@ GRID_MIN_SIDE = 96   # smaller images are drawn at a whole multiple of their siz
 
 
 def spread_over_classes(labels, count):
-    """Indices of `count` items taken across the classes: the first item of each class in turn (classes in order),
-    then the second of each, and so on. Deterministic; for a class-sorted folder, not `count` images of one class."""
+    """Indices of `count` items across the classes (in order): each class's first item, then each one's second, ..."""
     by_class = {}
     for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
@@ -30,8 +27,7 @@ def spread_over_classes(labels, count):
 
 
 def grid_images(config, count=8):
-    """`count` validation images of a run config, un-augmented, from across the classes (spread_over_classes):
-    [count, 3, S, S] in [0, 1]."""
+    """`count` un-augmented validation images of a run config, across the classes: [count, 3, S, S] in [0, 1]."""
     source = load_image_source(config["dataset"], config["data_dir"], "val", config["image_size"],
                                config.get("synthetic_size", 5000))
     images = ImageDataset(source, config["image_size"])
@@ -41,39 +37,25 @@ def grid_images(config, count=8):
 
 
 def unnormalize_tokens(predictions, targets):
-    """predictions [B, L, D] in per-token normalised units -> the units of targets [B, L, D].
-
-    With normalised targets the model predicts only the pattern inside each token, not its mean or contrast; to
-    draw it, MAE's visualisation borrows those two numbers from the true token. (So the picture flatters the model
-    a little: the brightness of every masked patch is given away.)
-    """
+    """predictions [B, L, D] in per-token normalised units -> the units of targets [B, L, D]: as MAE's pictures do,
+    each token's mean and contrast are borrowed from the true token (which flatters the model a little)."""
     mean = targets.mean(dim=-1, keepdim=True)
     std = (targets.var(dim=-1, keepdim=True) + 1e-6).sqrt()   # the same epsilon as masked_token_loss
     return predictions * std + mean
 
 
 def token_mask_to_pixels(mask, grid, image_size):
-    """mask [B, L] (1 = masked) on a grid x grid token layout -> pixel mask [B, 1, S, S].
-
-    One token covers S / grid pixels per side: the latent patch times the VAE's downsampling factor.
-    """
+    """mask [B, L] (1 = masked) on a grid x grid token layout -> pixel mask [B, 1, S, S], S / grid pixels a token."""
     cell = image_size // grid
     return mask.reshape(-1, 1, grid, grid).repeat_interleave(cell, dim=2).repeat_interleave(cell, dim=3)
 
 
 @torch.no_grad()
 def reconstruction_rows(model, projection, images, normalize_targets=True, seed=0, mask_ratio=GRID_MASK_RATIO):
-    """images [N, 3, S, S] in [0, 1] -> [(label, row)], each row [N, 3, S, S] in [0, 1] on the CPU:
-
-        original | masked input (masked patches grey) | reconstruction | reconstruction, visible patches pasted back
-        | raw prediction (only with normalised targets)
-
-    The mask comes from a fixed generator (the held-out loss's), so the grids of a run compare step to step.
-    The paste happens on the latent tokens before decoding: the fourth row is the latent the model completes, as
-    the VAE draws it (with --vae none the visible pixels are then exactly the original's). With normalised targets
-    rows 3 and 4 borrow each masked token's mean and contrast from the original (unnormalize_tokens, as MAE's
-    pictures do); the last row decodes the prediction as it is, in the normalised units, with nothing borrowed.
-    """
+    """images [N, 3, S, S] in [0, 1] -> [(label, row)], each row [N, 3, S, S] in [0, 1] on the CPU: original | masked
+    input (grey) | reconstruction | visible latent tokens pasted back | raw prediction (with normalised targets, when
+    rows 3 and 4 borrow each token's mean and contrast: unnormalize_tokens). The mask seed is fixed (the held-out
+    loss's), so a run's grids compare step to step."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -108,8 +90,7 @@ def grid_title(projection, config, step):
 
 
 def default_font(size):
-    """Pillow's built-in font at `size` px (Pillow >= 10.1, as requirements.txt asks); on an older Pillow, which
-    has no size argument, its small bitmap font: the grid is drawn all the same, with smaller labels."""
+    """Pillow's built-in font at `size` px (Pillow >= 10.1); an older Pillow's small bitmap font (smaller labels)."""
     from PIL import ImageFont
     try:
         return ImageFont.load_default(size=size)
@@ -119,12 +100,8 @@ def default_font(size):
 
 def save_reconstruction_grid(model, projection, images, path, normalize_targets=True, seed=0,
                              mask_ratio=GRID_MASK_RATIO, title=""):
-    """Write the rows of `reconstruction_rows` as one labelled PNG: a title strip (`title`, then what the images
-    are), a column of row labels, and the rows of N images with 2 px white padding.
-
-    For N images of S px in R rows the image part is (N*S + 2*(N+1)) x (R*S + 2*(R+1)), drawn k times larger
-    (k whole, the least with k*S >= GRID_MIN_SIDE); GRID_LABEL_WIDTH and GRID_TITLE_HEIGHT pixels are added.
-    """
+    """Write the rows of `reconstruction_rows` as one PNG: a title strip, a column of row labels, and the rows of N
+    images with 2 px white padding, drawn k times larger (k whole, the least with k*S >= GRID_MIN_SIDE)."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid
     labelled = reconstruction_rows(model, projection, images, normalize_targets, seed, mask_ratio)
@@ -149,19 +126,14 @@ def save_reconstruction_grid(model, projection, images, path, normalize_targets=
 
 
 def grid_writer(model, projection, config, objective):
-    """The run's grid, as its objective's record says: reconstructions of masked images (LMD), or generated samples
-    (the lab's diffusion objectives: their record's sample_grid)."""
+    """The run's grid writer: its record's sample_grid (the lab's generated samples), or GridWriter (LMD's)."""
     if objective.sample_grid:
         return objective.sample_grid(model, projection, config)
     return GridWriter(model, projection, config)
 
 
 class GridWriter:
-    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 (lmd.random_masking, section 2 of lmd.py) with
-    the held-out loss's fixed mask seed (reconstruction_rows).
-
-    The images are loaded once, on the first grid, not at every one.
-    """
+    """OUT/grid_{name}.png: 8 fixed validation images masked at 0.75 with the held-out loss's fixed mask seed."""
 
     def __init__(self, model, projection, config):
         self.model, self.projection, self.config, self.images = model, projection, config, None
@@ -182,9 +154,8 @@ def read_metrics(path):
 
 
 def plot_curves(metrics_path, path, objective):
-    """Two panels from OUT/metrics.jsonl: the training loss and the held-out loss at ratio 0.75 (its `held_out_loss`
-    records, and the final one of OUT/summary.json beside it when that is this run's last step) against the step;
-    and the mask ratio against the step."""
+    """Two panels against the step from OUT/metrics.jsonl: the training and held-out losses (with summary.json's
+    final one when it is this run's last step), and the mask ratio."""
     from matplotlib.figure import Figure   # no pyplot: no global backend state, safe inside a training script
     records = read_metrics(metrics_path)
     steps = [record["step"] for record in records]
@@ -205,8 +176,7 @@ def plot_curves(metrics_path, path, objective):
     held_out_label = f"held-out (validation, at ratio {objective.mask_ratio_held_out(config)})"
     figure = Figure(figsize=(10, 3.6), layout="constrained")
     loss_axes, ratio_axes = figure.subplots(1, 2)
-    # The training loss is measured at the current ratio: under a progressive schedule the task gets harder as the
-    # ratio rises, so compare runs (and steps) by the held-out loss at a fixed 0.75, not by the training curve.
+    # The training loss is at the current ratio, harder as a progressive schedule rises: compare by the held-out loss.
     loss_axes.plot(steps, [record["loss"] for record in records], label="training (at the current mask ratio)")
     if held_out:
         loss_axes.plot(*zip(*held_out), "o-", color="tab:red", label=held_out_label)
@@ -221,20 +191,18 @@ def plot_curves(metrics_path, path, objective):
 
 
 def plot_schedules(path, ramp_fraction=lmd.MaskSchedule.ramp_fraction, schedules=None):
-    """Mask-ratio schedules over training progress 0..1, on one set of axes: `schedules` {label: function of
-    progress}, any number of them (default: the four of MaskSchedule, at its defaults and `ramp_fraction`), with
-    the end of the ramp marked."""
+    """Mask-ratio schedules {label: function of progress 0..1} on one set of axes, the end of the ramp marked;
+    default: the four of MaskSchedule, at its defaults and `ramp_fraction`."""
     from matplotlib.figure import Figure
     if schedules is None:
         schedules = {name: lmd.MaskSchedule(name, ramp_fraction=ramp_fraction) for name in lmd.SCHEDULERS}
-    ramp = ramp_fraction
     progress = [i / 300 for i in range(301)]
     figure = Figure(figsize=(6.4, 3.6), layout="constrained")
     axes = figure.subplots()
     for (name, schedule), style in zip(schedules.items(), itertools.cycle((":", "-", "--", "-", "-."))):
         axes.plot(progress, [schedule(p) for p in progress], style, label=name, linewidth=2)
-    axes.axvline(ramp, color="grey", linewidth=0.8)
-    axes.text(ramp + 0.01, 0.9, "end of the ramp", color="grey")
+    axes.axvline(ramp_fraction, color="grey", linewidth=0.8)
+    axes.text(ramp_fraction + 0.01, 0.9, "end of the ramp", color="grey")
     axes.set(xlabel="training progress  t / T", ylabel="mask ratio", ylim=(0, 1), xlim=(0, 1),
              title="mask-ratio schedules")
     axes.grid(alpha=0.3)

@@ -9,20 +9,13 @@ import sys
 
 import torch
 
-from util import checkpoints
-from util import datasets
-from util import devices
-from util import latent_cache
-from util import pictures
-from util import sampling
-from util import vaes
+from util import checkpoints, datasets, devices, latent_cache, pictures, sampling, vaes
 from util.cli import UserError
 
 
 def resumed_run(flags, given, overrides):
     """--resume RUN -> (the run's saved config, its checkpoint). Of the flags `given`, those in `overrides` replace
-    the saved values; any other that differs from the run's is an error. --stop-after-step is for one session only.
-    """
+    the saved values; any other that differs from the run's is an error. --stop-after-step is for one session only."""
     resume = flags["resume"]
     checkpoint = checkpoints.load_checkpoint(resume)
     # runs from before --objective and --init existed are LMD runs from scratch
@@ -69,12 +62,8 @@ def append_metrics(path, record):
 
 
 class StopRequest:
-    """Ctrl-C or SIGTERM asks the loop to save and stop at the end of the current step; a second Ctrl-C aborts.
-
-    SIGTERMs never abort: under SLURM and torchrun each process gets two (SLURM signals every process of the job,
-    and torchrun forwards its own), and the second must not throw the save away. A context manager: the previous
-    handlers come back when training ends.
-    """
+    """A context manager: Ctrl-C or SIGTERM asks the loop to save and stop at the end of the step; a second Ctrl-C
+    aborts. SIGTERMs never do: under SLURM and torchrun each process gets two, and the second must not lose the save."""
 
     def __enter__(self):
         self.requested = self.interrupted = False   # interrupted: a Ctrl-C (SIGINT) came
@@ -97,11 +86,8 @@ class StopRequest:
 
 
 class TrainingBatches:
-    """Latents for each step: indexed from the latent cache, or loaded and encoded on the fly.
-
-    Both are a pure function of (seed, step, rank): the data order, the flips and the crops of a resumed run are
-    the ones the uninterrupted run would have used.
-    """
+    """Latents for each step, from the latent cache or encoded on the fly: a pure function of (seed, step, rank), so
+    a resumed run gets the data order, flips and crops the uninterrupted run would have used."""
 
     def __init__(self, config, projection, dist, start_step):
         self.config, self.projection, self.dist = config, projection, dist
@@ -148,10 +134,7 @@ class TrainingBatches:
 
 def seeded_batches(config, num_items, dist, start_step):
     """The loader's batches from `start_step` on: [(image index, augmentation seed)] per step, this rank's share.
-
-    A free function, not a method: a generator that held the TrainingBatches would make a reference cycle through
-    the loader, and the loader's workers would then outlive the run until the garbage collector found it.
-    """
+    Not a method: holding the TrainingBatches would make a reference cycle that keeps the loader's workers alive."""
     seed = config["seed"]
     for step in range(start_step, config["steps"]):
         indices = sampling.batch_indices(step, num_items, config["batch_size"], seed, dist.rank, dist.world_size)
@@ -159,14 +142,9 @@ def seeded_batches(config, num_items, dist, start_step):
 
 
 class HeldOutLoss:
-    """The objective's loss on the first --eval-images validation images, un-augmented, at the objective's held-out
-    ratio (LMD: the masked-token loss at 0.75) and with a fixed mask seed: the number that compares runs (and steps
-    of one run) whatever their schedules.
-
-    The images are encoded once, on the first call, and kept on the CPU; each call after that is one forward pass
-    per 64 images. The masks come from their own generator and no DataLoader draws a seed, so an evaluation in the
-    middle of training leaves every random stream of the run as it was (resume stays exact).
-    """
+    """The objective's loss on the first --eval-images validation images, un-augmented, at its held-out ratio (LMD:
+    0.75) with a fixed mask seed: what compares runs and steps whatever their schedules. The images are encoded once,
+    on the first call; the masks come from their own generator, so the run's random streams are left as they were."""
 
     def __init__(self, projection, config, device, objective):
         self.projection, self.config, self.device, self.objective = projection, config, device, objective
@@ -211,8 +189,7 @@ class HeldOutLoss:
 
 
 def check_finite(losses, done, non_finite_anywhere, last_saved, out):
-    """The run's one-line error if a loss of the steps done - len(losses) + 1 .. done is not finite, or if a process
-    saw one in those steps (all ranks then give the same message)."""
+    """The one-line error if a loss of the steps up to `done` in `losses` is not finite, here or on another rank."""
     bad = next((i for i, loss in enumerate(losses) if not math.isfinite(loss)), None)
     if bad is None and not non_finite_anywhere:
         return

@@ -1,28 +1,17 @@
 """Probes of a frozen encoder: what pretraining learned, always measured beside floors that mean something.
 
-Every probe reads the encoder's tokens after its final norm, every token seen (no mask), in one of two READINGS:
-the class token (MAE's linear probe) or the mean of the patch tokens (MAE's global_pool). A table uses one reading
-for every row. The encoder is frozen, so its features are computed once per image (and per flip) and the probes
-work on those:
-- kNN (DINO): L2-normalised features, cosine similarity to every training feature, the k = 20 nearest vote with
-  weights exp(similarity / 0.07). No training; deterministic.
-- linear probe (MAE): BatchNorm without affine parameters + a linear layer, SGD with momentum, warm-up then cosine,
-  90 epochs. On cached features an epoch is a few matrix products, so the probe converges in seconds.
-The floors (finetune.py measures them in the same run): the LMD network of the same size and seed at random init,
-whatever the checkpoint's objective (an adaLN-Zero network starts as the identity: its own init gives every image
-the same class token, a floor at chance), and the raw pixels, flattened (split_pixels). A diffusion encoder (the
-lab's) is read at a model time, through its record's probe_inputs: 0, clean, and 1, the lowest noise level of
-training.
-And what finetune.py measures of any classifier: its top-1 accuracy, its inference throughput.
-"""
+Features: the encoder's tokens after its final norm, no mask, in one of two READINGS (class token or mean patch
+token), once per image and flip; on them kNN (DINO's) and MAE's linear probe (90 epochs: seconds on cached features).
+Floors, in the same run: the LMD network of the same size and seed at random init, whatever the objective (an
+adaLN-Zero network's own init gives every image one class token), and raw pixels. A (lab) diffusion encoder is read
+at model time 0 (clean) and 1 (the lowest noise level of training). Also any classifier's top-1 and throughput."""
 
 import math
 
 import torch
 import torch.nn.functional as F
 
-from util import devices
-from util import vaes
+from util import devices, vaes
 from util.optim import learning_rate
 
 FLOOR_NETWORK = "lmd"        # every objective's floor: the LMD network of the same size and seed at random init
@@ -30,16 +19,14 @@ READINGS = ("cls", "mean")   # the class token (MAE's linear probe); the mean pa
 
 
 def lowest_trained_time(config, objective):
-    """The model time of the least noisy input a pretraining config's encoder was trained on (its record's
-    lowest_time) -> None (LMD: no time), 0 (clean: UMD's clean half, when it has one) or 1 (noise level 0: ddpm and
-    MaskDM, which are only ever told t + 1 >= 1)."""
+    """The model time of the least noisy input a config's encoder was trained on -> None (LMD: no time), 0 (clean:
+    UMD's clean half) or 1 (noise level 0: ddpm and MaskDM, only ever told t + 1 >= 1)."""
     return objective.lowest_time(config)
 
 
 def probe_features(encoder, latents, reading="cls", time=None):
-    """latents [B, C, H, W] -> features [B, width] from the encoder's tokens after its final norm, every token seen:
-    'cls' the class token, 'mean' the mean of the patch tokens. time [B]: the model time a diffusion encoder is
-    told (None: an LMD encoder, which has none)."""
+    """latents [B, C, H, W] -> features [B, width] after the final norm, no mask: 'cls' the class token, 'mean' the
+    mean patch token. time [B]: the model time a diffusion encoder is told (None: an LMD encoder, which has none)."""
     if reading not in READINGS:
         raise ValueError(f"unknown reading {reading!r}; choose one of {', '.join(READINGS)}")
     tokens = encoder.embed(latents)                                                        # [B, L, width]
@@ -49,10 +36,8 @@ def probe_features(encoder, latents, reading="cls", time=None):
 
 @torch.no_grad()
 def encoder_features(classifier, batches, reading="cls", time=None, indices=None, seed=0, probe_inputs=None):
-    """Probe features of every batch: batches yields (inputs [B, C, h, w], labels [B]) -> features [N, width] on
-    the CPU (float32), labels [N]. The encoder is classifier.encoder (an lmd.LatentClassifier's), read at model
-    `time` through its objective's probe_inputs (a diffusion encoder's; time >= 1 needs each batch's image indices,
-    for the noise). time None: the latents as they are (an LMD encoder has no time input)."""
+    """batches of (inputs [B, C, h, w], labels [B]) -> classifier.encoder's features [N, width] float32 CPU, labels
+    [N]. `time`: read through probe_inputs (time >= 1 needs each batch's `indices`, for the noise); None: as is."""
     classifier.eval()
     features, labels = [], []
     for position, (inputs, label) in enumerate(batches):
@@ -65,8 +50,7 @@ def encoder_features(classifier, batches, reading="cls", time=None, indices=None
 
 
 def gather_split(features, labels, count, dist):
-    """This process's rows (every world_size-th image of `count`, from its rank) -> all of them, in index order:
-    features [count, ...], labels [count]."""
+    """This rank's rows (every world_size-th of `count`) -> all, in index order: features [count, ...], labels."""
     if not dist.enabled:
         return features, labels
     size = (count + dist.world_size - 1) // dist.world_size   # equal pieces for all_gather (padded with the last row)
@@ -87,9 +71,8 @@ def split_features(classifier, data, dist, flips, reading="cls", time=None, seed
 
 
 def split_pixels(data, dist, flips):
-    """The raw-pixel baseline's features: the split's images [3, S, S] in [0, 1] at the run's image size (the
-    images its latents encode), flattened -> features [N, len(flips), 3 * S * S] (a view per flip value), labels
-    [N]; each process loads every world_size-th image, then gathered."""
+    """The raw-pixel baseline: the split's images [3, S, S] in [0, 1], flattened -> features [N, len(flips), 3*S*S]
+    (a view per flip value), labels [N]; each process loads every world_size-th image, then gathered."""
     mine = torch.arange(dist.rank, len(data), dist.world_size)
     loader = torch.utils.data.DataLoader(data.images, batch_sampler=[c.tolist() for c in mine.split(256)],
                                          num_workers=data.workers, worker_init_fn=devices.ignore_stop_signals)
@@ -101,15 +84,10 @@ def split_pixels(data, dist, flips):
 @torch.no_grad()
 def knn_top1(train_features, train_labels, val_features, val_labels, k=20, temperature=0.07, device=None,
              chunk=1024, train_chunk=65536):
-    """Weighted k-nearest-neighbour top-1 (DINO's protocol) -> fraction in [0, 1].
-
-    train_features [N, D], val_features [M, D] (on any device); each validation image's k most similar training
-    images (cosine similarity) vote for their class with weight exp(similarity / temperature). Computed on `device`
-    (default: where the features are): the normalised training features move there once (N x D floats), the
-    similarities [chunk, train_chunk] are made a block at a time and only each block's k best are kept, so memory
-    stays bounded (on ImageNet one [1024, 1.28M] block would be 5 GB). With N <= train_chunk there is one block,
-    and on the CPU the result is exactly the unblocked computation's.
-    """
+    """Weighted k-nearest-neighbour top-1 (DINO's protocol) -> fraction in [0, 1]: each of val_features [M, D]'s k
+    most similar (cosine) of train_features [N, D] vote with weight exp(similarity / temperature). On `device`
+    (default: the features'), a [chunk, train_chunk] block at a time, keeping each block's k best: memory stays
+    bounded (one [1024, 1.28M] block would be 5 GB); with N <= train_chunk, exactly the unblocked result."""
     device = torch.device(device) if device is not None else train_features.device
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
     train = F.normalize(train_features.to(device, torch.float32), dim=1)
@@ -134,8 +112,7 @@ def knn_top1(train_features, train_labels, val_features, val_labels, k=20, tempe
 
 
 def probe_head(width, num_classes, seed):
-    """The linear probe's head: BatchNorm without affine parameters + a linear layer (weights N(0, 0.01), bias 0),
-    a function of `seed` alone: drawn inside a forked RNG, whatever the caller did with the global one."""
+    """The linear probe's head, BatchNorm (no affine) + Linear (N(0, 0.01), bias 0), from `seed` alone (forked RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Sequential(torch.nn.BatchNorm1d(width, affine=False, eps=1e-6),
@@ -148,14 +125,10 @@ def probe_head(width, num_classes, seed):
 def linear_probe(train_features, train_labels, val_features, val_labels, epochs=90, batch_size=256, base_lr=0.5,
                  warmup_epochs=10, seed=0, num_classes=None, device=None, chunk=65536):
     """MAE's linear probe on cached features -> history [dict(epoch, top1)], the top-1 after each epoch.
-
-    train_features [N, F, D]: F views per image (F = 2 with the mirror image, 1 without); each epoch draws one
-    view per image, which is the flip augmentation. val_features [M, D]. SGD with momentum 0.9, no weight decay,
-    lr = base_lr * batch_size / 256. The head's initialisation, the data order and the views all come from `seed`
-    alone (not from the global RNG), so the probes of a pretrained and of a random-init encoder start from the same
-    head. Computed on `device` (default: where the features are): the features stay where they are and each batch
-    (and `chunk` validation rows at a time) moves there, so host RAM holds them, not the accelerator.
-    """
+    train_features [N, F, D]: F views per image (2 with the mirror image), one drawn per epoch; val_features [M, D].
+    SGD, momentum 0.9, no weight decay, lr = base_lr * batch_size / 256. Head, order and views come from `seed` alone,
+    so every encoder's probe starts from the same head. The features stay where they are (host RAM, not the
+    accelerator): each batch, and `chunk` validation rows at a time, moves to `device` (default: the features')."""
     device = torch.device(device) if device is not None else train_features.device
     generator = torch.Generator().manual_seed(seed)
     num_items, num_views, width = train_features.shape
@@ -195,14 +168,9 @@ def summarise(history):
 
 
 def probe_plan(config, objective):
-    """The encoders a knn or linprobe run measures, for a pretraining config -> {name: (init, network, time)}:
-    init 'pretrained' or 'scratch' (random), network the objective whose network is built (None: the checkpoint's),
-    time the model time it is read at (the record's probe_inputs; None: an LMD network, which has none).
-
-    - the pretrained encoder: an LMD one as it is; a diffusion one at model time 0 (clean) and at 1 (noise level 0)
-    - 'random_init': the LMD network of the same size and seed at random init, the floor of every objective
-    - 'own_init': a diffusion objective's own random init, where it differs (adaLN-Zero: at chance for 'cls')
-    """
+    """The encoders a knn or linprobe run measures -> {name: (init 'pretrained' or 'scratch', the objective whose
+    network is built (None: the checkpoint's), model time (None: LMD's))}: the pretrained one (diffusion: at time 0
+    and 1), 'random_init' (LMD's, every objective's floor), a diffusion one's 'own_init' (adaLN-Zero: chance at cls)."""
     lowest = lowest_trained_time(config, objective)
     if lowest is None:
         return {"pretrained": ("pretrained", None, None), "random_init": ("scratch", FLOOR_NETWORK, None)}
@@ -227,10 +195,8 @@ def result_fields(measured, config, objective):
 
 def probe(mode, train, val, epochs=90, batch_size=256, base_lr=0.5, warmup_epochs=10, seed=0, device=None):
     """One probe on cached features -> (summary: dict(best, final[, best_epoch]), history: [dict(epoch, top1)]).
-
-    train: (features [N, F, D], labels [N]); val: (features [M, F', D], labels [M]), its first view read. 'knn'
-    reads the training features' first view too, and trains nothing (an empty history).
-    """
+    train: (features [N, F, D], labels [N]); val: (features [M, F', D], labels [M]), its first view read, as is
+    train's for 'knn' (which trains nothing: an empty history)."""
     (train_features, train_labels), (val_features, val_labels) = train, val
     if mode == "knn":
         top1 = knn_top1(train_features[:, 0], train_labels, val_features[:, 0], val_labels, device=device)
@@ -261,8 +227,7 @@ def top1_accuracy(classifier, data, batch_size, dist, autocast):
 
 @torch.no_grad()
 def inference_throughput(classifier, projection, images, device, autocast, chunk_size=None):
-    """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, latents given). The first is what a
-    user of the classifier pays per raw image; the second is the classifier alone."""
+    """Inference images/second on images [B, 3, S, S]: (VAE encoding counted, as a user pays; latents given)."""
     classifier.eval()
     images = images.to(device)
     encode = lambda: vaes.encode_images(projection, images, autocast, chunk_size)   # noqa: E731

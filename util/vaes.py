@@ -1,7 +1,5 @@
-"""Opening the frozen VAE for the scripts: building lmd.LatentProjection from a --vae value (load_projection),
-errors that say what to do, a fast offline check, provenance, fingerprint, and encoding a batch on the fly in
-bounded memory.
-"""
+"""The frozen VAE for the scripts: lmd.LatentProjection from a --vae value, errors that say what to do, a fast
+offline check, provenance, fingerprint, and encoding a batch in bounded memory."""
 
 import hashlib
 import json
@@ -21,11 +19,11 @@ warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 OFFLINE_WAY_OUT = ("run on real images with no download at all: --dataset digits --vae none (pixels) or --vae DIR "
                    "(a VAE made by tools/train_vae.py); or the smoke test --dataset synthetic --vae tiny")
+ENCODE_CHUNK = 32   # images per VAE call by default (--encode-batch-size; see encode_images)
 
 
 def tiny_vae():
-    """A small, randomly initialised AutoencoderKL in the SD layout (4 latent channels, downsampling 8), for offline
-    runs and tests only: its latents mean nothing. Seeded, so every run, cache and probe sees the same one."""
+    """A small, seeded, untrained AutoencoderKL in the SD layout (4 channels, downsampling 8): smoke tests."""
     from diffusers import AutoencoderKL
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -65,13 +63,12 @@ def _hub_reachable(timeout=5.0):
         return False
 
 
-def _first_line(error):
+def first_line(error):
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def open_projection(vae, device="cpu", dtype=torch.float32, announce=True):
-    """load_projection for a `--vae` value, with one-line errors, the local Hub cache tried first, and the
-    provenance of a VAE trained by tools/train_vae.py attached as `projection.provenance`."""
+    """load_projection for a `--vae` value: one-line errors, the local Hub cache first, `.provenance` attached."""
     if vae == "tiny" and announce:
         print("note: --vae tiny is a randomly initialised, UNTRAINED VAE for smoke tests; "
               "its latents carry no meaning.", file=sys.stderr)
@@ -91,7 +88,7 @@ def _load(vae, device, dtype):
         try:
             return load_projection(vae, device, dtype)
         except Exception as error:
-            raise UserError(f"could not load a VAE from directory {vae!r} ({_first_line(error)}); it should hold "
+            raise UserError(f"could not load a VAE from directory {vae!r} ({first_line(error)}); it should hold "
                             "config.json and the weights written by save_pretrained") from None
     if vae.startswith(("/", ".", "~")) or vae.count("/") > 1 or os.path.exists(vae):
         raise UserError(f"--vae {vae!r}: no such directory. Give a Hub id (e.g. {DEFAULT_VAE}), a local "
@@ -100,9 +97,8 @@ def _load(vae, device, dtype):
 
 
 def vae_name(vae):
-    """The name a `--vae` value is recorded and cached under: a local directory's absolute path, links resolved (so
-    that `VAE`, `./VAE`, `/home/me/VAE` and a link to it are one VAE with one latent cache, and a run's config finds
-    it from any working directory); a Hub id, 'tiny' or 'none' as given."""
+    """The name a `--vae` value is recorded and cached under: a Hub id, 'tiny' or 'none' as given; a directory's real
+    path (`VAE`, `./VAE` and a link to it are one VAE with one cache, found from any working directory)."""
     if vae in ("none", "tiny") or not os.path.isdir(vae):
         return vae
     return os.path.realpath(vae)
@@ -119,22 +115,15 @@ def _from_hub(vae, device, dtype):
     try:
         return load_projection(vae, device, dtype)
     except Exception as error:
-        raise UserError(f"could not load the VAE {vae!r} from the Hub ({_first_line(error)}); check the id or "
+        raise UserError(f"could not load the VAE {vae!r} from the Hub ({first_line(error)}); check the id or "
                         "pass a local directory") from None
-
-
-ENCODE_CHUNK = 32   # images per VAE call by default (--encode-batch-size; see encode_images)
 
 
 @torch.no_grad()
 def encode_images(projection, images, autocast=None, chunk_size=None):
-    """images [B, 3, H, W] in [0, 1], on the device -> latents [B, C, H/f, W/f] fp32. The one encode path: the
-    latent cache, train.py --no-cache, the held-out loss and bench.py all encode with it, so their latents agree.
-
-    The frozen VAE sees `chunk_size` images at a time (default ENCODE_CHUNK): its activations grow with the batch
-    (an SD VAE encode of a whole 256-image batch at 224 px needs tens of GB), the model's do not. With `autocast`
-    (torch.bfloat16, from devices.autocast_dtype: GPUs with native bf16) it runs under bf16 autocast.
-    """
+    """images [B, 3, H, W] in [0, 1], on the device -> latents [B, C, H/f, W/f] fp32: the one encode path (cache,
+    --no-cache, held-out loss, bench.py), so their latents agree. `chunk_size` images per VAE call (ENCODE_CHUNK):
+    an SD VAE encode of 256 images at 224 px needs tens of GB. `autocast`: devices.autocast_dtype's."""
     if projection.is_pixels:
         return projection.encode(images)
     with torch.autocast(images.device.type, dtype=autocast, enabled=autocast is not None):
@@ -163,13 +152,11 @@ def vae_provenance(vae):
 
 
 def fingerprint(projection):
-    """A short hash of what makes the latents: the VAE's config and every tensor of its encoder and of `quant_conv`
-    (the 1x1 conv after an AutoencoderKL's encoder), so a latent cache can tell one VAE from another. The decoder
-    is left out: it changes no latent."""
+    """A short hash of what makes the latents (so a cache tells VAEs apart): the VAE's config and every tensor of its
+    encoder and `quant_conv` (the 1x1 conv after an AutoencoderKL's encoder); not the decoder, which makes none."""
     if projection.vae is None:
         return "pixels"
-    # Private keys such as diffusers' `_use_default_values` (built from a set, so its order changes from one
-    # process to the next) say nothing about the VAE and would make the hash unstable.
+    # No private keys: diffusers' `_use_default_values` comes from a set, in an order that changes between processes.
     config = {key: value for key, value in projection.vae.config.items() if not key.startswith("_")}
     digest = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode())
     for part in ("encoder", "quant_conv"):   # AutoencoderTiny has no quant_conv; some AutoencoderKLs have None
