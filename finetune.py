@@ -192,7 +192,8 @@ class LabelSubset:
 
 def build_classifier(config, checkpoint, projection, num_classes, init, linear_probe, objectives, objective=None):
     """The classifier of `init`; 'scratch' is exactly the random encoder that pretraining started from. The network
-    is the checkpoint's objective's, or `objective`'s ('lmd': the probes' random-init baseline), of the same size and seed."""
+    is the checkpoint's objective's, or `objective`'s ('lmd': the probes' random-init baseline), of the same size
+    and seed."""
     torch.manual_seed(checkpoint["config"]["seed"])
     network = {**checkpoint["config"], **{key: config[key] for key in GEOMETRY}}
     network["objective"] = objective or network.get("objective", "lmd")
@@ -219,14 +220,14 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist, objec
                   f"(val {count} images, standard error {probes.standard_error(final, count):.4f})", file=sys.stderr)
 
     pretrained_objective = of(checkpoint["config"], objectives)
-    for name, (init, objective, time) in probes.probe_plan(checkpoint["config"], pretrained_objective).items():
+    for name, (init, objective, model_time) in probes.probe_plan(checkpoint["config"], pretrained_objective).items():
         if name in config["skip_floors"]:
             continue
         classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True,
                                       objectives, objective).to(dist.device)
         pretrained = pretrained or (classifier if init == "pretrained" else None)   # its inference speed is measured
-        measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], time, config["seed"],
-                                              pretrained_objective.probe_inputs)
+        measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], model_time,
+                                              config["seed"], pretrained_objective.probe_inputs)
                         for data, views in ((train_data, flips), (val_data, (0,)))))
     if config["raw_pixels"] and "raw_pixels" not in config["skip_floors"]:
         measure("raw_pixels", probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,)))

@@ -158,8 +158,8 @@ def main(argv=None):
     with open(os.path.join(args.out, "ablation.md"), "w") as file:
         file.write(text)
     with open(os.path.join(args.out, "ablation.json"), "w") as file:
-        json.dump(dict(command=["python", "-m", "lab.ablation", *argv], results=results, torch_version=torch.__version__,
-                       minutes=(time.time() - started) / 60), file, indent=2)
+        json.dump(dict(command=["python", "-m", "lab.ablation", *argv], results=results,
+                       torch_version=torch.__version__, minutes=(time.time() - started) / 60), file, indent=2)
     print(text)
 
 

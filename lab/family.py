@@ -176,7 +176,8 @@ def seconds_per_step(args, stages, rounds=5, points=4):
             for index in range(points):
                 generator = torch.Generator(latents.device).manual_seed(round_)
                 started = time.perf_counter()
-                loss, _ = lab.optimizer_step(model, optimizer, latents, schedule, (index + 0.5) / points, 1e-4, generator)
+                loss, _ = lab.optimizer_step(model, optimizer, latents, schedule, (index + 0.5) / points, 1e-4,
+                                             generator)
                 loss.item()   # the step has finished on any device
                 if round_:
                     times[key][index].append(time.perf_counter() - started)
@@ -439,8 +440,8 @@ def write_docs(args, argv, records, machine):
     roundtrip = [r["vae_roundtrip_fd_normalised"] for r in records if "vae_roundtrip_fd_normalised" in r]
     judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
                   f"judged by lab/judge.py (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
-                  f"validation split); fd_normalised = (FD - real-image floor) / (blur ceiling - real-image floor), floor "
-                  f"{generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
+                  f"validation split); fd_normalised = (FD - real-image floor) / (blur ceiling - real-image "
+                  f"floor), floor {generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
                   + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
                      f"{roundtrip[0]:.3f}" if roundtrip else "")
                   + ". Classes present: those given at least 1% of the samples." if generative else "")
@@ -451,7 +452,8 @@ def write_docs(args, argv, records, machine):
         f"Every row: the {args.model} model on {space}, {budget_words(args)} of {args.batch_size} images "
         "(two-stage rows: half and half), seeds as counted. Probes of the final model (lab.finetune): kNN (20-NN, "
         f"DINO) and the linear probe ({args.linprobe_epochs} epochs, MAE's recipe), on the validation split, each "
-        "beside the same baselines for every row: the random-init baseline, the LMD network of the same size and seed at random init (an "
+        "beside the same baselines for every row: the random-init baseline, the LMD network of the same size and "
+        "seed at random init (an "
         "adaLN-Zero network's own init starts as the identity, shown apart where it differs), and the raw pixels. "
         "A diffusion encoder is read at the least noisy model time it trained on (column 'read at'; both times "
         "below the table). Mean ± std over seeds. Training seconds: the training loops only (train.py's clock), "

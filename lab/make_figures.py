@@ -9,7 +9,6 @@ step around a real synthetic image and a real 0.75 mask from lmd.random_masking.
 
 import argparse
 import os
-import sys
 
 import torch
 
@@ -57,7 +56,8 @@ def plot_pipeline(path):
     # masked positions only. Drawn over the row, from the top of the latent patches to the top of the loss.
     axes.add_artist(FancyArrowPatch((4.4, 2.7), (11.8, 2.7), connectionstyle="bar,fraction=-0.1", arrowstyle="-|>",
                                     mutation_scale=15, color="#31a354", linewidth=1.5))
-    axes.text(8.1, 3.62, "target tokens: all latent tokens, normalised per token by default, raw with --no-normalize-targets (the loss reads the masked ones)",
+    axes.text(8.1, 3.62, "target tokens: all latent tokens, normalised per token by default, raw with "
+              "--no-normalize-targets (the loss reads the masked ones)",
               ha="center", va="bottom", fontsize=9, color="#31a354")
     for x, picture in ((0.8, image), (6.2, masked)):   # real pixels: a synthetic image and a real 0.75 mask
         inset = figure.add_axes([(x - 0.55) / 13, 1.35 / 4.2, 1.1 / 13, 1.1 / 4.2])

@@ -125,9 +125,9 @@ def schedule(config):
 
 
 # Its batch of 128 is two halves of 64, so that its noised half is ddpm's batch (peak lr 4e-3 by the same base lr;
-# lab/docs/family_digits.md: at batch 64, 32 noised images a step, its samples after 3000 steps are poor). It samples as its
-# paper does, DDIM with 125 steps and eta 1 (on the digits 0.08 to 0.18 lower fd_normalised than 50 steps with
-# eta 0, in each of its runs measured in lab/docs/family_digits.md).
+# lab/docs/family_digits.md: at batch 64, 32 noised images a step, its samples after 3000 steps are poor). It
+# samples as its paper does, DDIM with 125 steps and eta 1 (on the digits 0.08 to 0.18 lower fd_normalised than 50
+# steps with eta 0, in each of its runs measured in lab/docs/family_digits.md).
 OBJECTIVE = Objective(
     name="umd", summary="UMD; its generation fine-tuning: --objective umd --init RUN --mask-ratio 0 --clean-share 0.05",
     build=lambda config, grid, channels: UMD(config["model"], grid, config["patch_size"], channels,

@@ -1,6 +1,7 @@
 """finetune.py: a short pretraining on real digits, then the probes (kNN and the cached-feature linear probe,
-each beside the floors: the same seed's random init of the LMD network, the raw pixels), fine-tuning end to end as a subprocess, and the clear errors for checkpoints that
-do not fit. One test fails if pretraining stops helping."""
+each beside the baselines: the same seed's random init of the LMD network, the raw pixels), fine-tuning end to end
+and under torchrun, few labels (--labels-per-class), and the clear errors for checkpoints that do not fit. One test
+fails if pretraining stops helping."""
 
 import contextlib
 import io
@@ -106,8 +107,9 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
     dist, projection = devices.Distributed("cpu"), vaes.load_projection("none")
     checkpoint = checkpoints.load_checkpoint(str(run))
     classifier = finetune.build_classifier(config, checkpoint, projection, 10, "pretrained", True, train.OBJECTIVES)
-    (train_x, train_y), (val_x, val_y) = (probe_util.split_features(classifier, latent_cache.Split(config, split, projection,
-                                          dist), dist, (0,)) for split in ("train", "val"))
+    (train_x, train_y), (val_x, val_y) = (
+        probe_util.split_features(classifier, latent_cache.Split(config, split, projection, dist), dist, (0,))
+        for split in ("train", "val"))
     history = probe_util.linear_probe(train_x, train_y, val_x[:, 0], val_y)
     scaler = StandardScaler().fit(train_x[:, 0].numpy())
     reference = LogisticRegression(max_iter=2000).fit(scaler.transform(train_x[:, 0].numpy()), train_y.numpy())

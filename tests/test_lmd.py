@@ -101,7 +101,8 @@ def test_scheduler_options_are_configurable():
     assert lmd.MaskSchedule("constant", mask_ratio=0.6)(0.3) == 0.6
 
 
-@pytest.mark.parametrize("kwargs", [dict(scheduler="exponential"), dict(mask_start=0.0), dict(mask_end=1.0), dict(mask_plateau=1.0),
+@pytest.mark.parametrize("kwargs", [dict(scheduler="exponential"), dict(mask_start=0.0), dict(mask_end=1.0),
+                                    dict(mask_plateau=1.0),
                                     dict(mask_ratio=1.5), dict(ramp_fraction=0.0), dict(ramp_fraction=1.5)])
 def test_scheduler_rejects_only_what_cannot_work(kwargs):
     with pytest.raises(lmd.ConfigError):
@@ -113,7 +114,8 @@ def test_a_falling_schedule_is_allowed_and_falls():
     ratios = [falling(p / 20) for p in range(21)]
     assert ratios[0] == pytest.approx(0.9) and ratios[-1] == pytest.approx(0.5)
     assert all(a >= b for a, b in zip(ratios, ratios[1:]))
-    assert lmd.MaskSchedule("piecewise", mask_start=0.3, mask_plateau=0.9, mask_end=0.6)(1 / 3) == pytest.approx(0.9)   # off the path
+    off_the_path = lmd.MaskSchedule("piecewise", mask_start=0.3, mask_plateau=0.9, mask_end=0.6)
+    assert off_the_path(1 / 3) == pytest.approx(0.9)
 
 
 def test_check_schedule_takes_any_function_into_0_1():
