@@ -38,6 +38,8 @@ FLAGS_MD = os.path.join(ROOT, "docs", "flags.md")
 
 
 def show(value):
+    if isinstance(value, str) and value.startswith(ROOT + os.sep):   # the same reference from any clone
+        value = os.path.relpath(value, ROOT)
     if isinstance(value, bool):
         return "on" if value else "off"
     return f"{value:.4g}" if isinstance(value, float) else str(value) or '""'
