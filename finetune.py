@@ -31,7 +31,7 @@ from util.objective import of
 # ----------------------------------------------------------------------------------------------------------------
 # Defaults, in one block. None means: from the checkpoint (data, geometry) or from the mode's recipe (below).
 DEFAULTS = dict(
-    checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, skip_floors=(), dataset=None,
+    checkpoint=None, mode="linprobe", init="pretrained", features="cls", raw_pixels=True, skip_baselines=(), dataset=None,
     allow_other_dataset=False, data_dir=None, synthetic_size=None, vae=None, model=None, image_size=None,
     patch_size=None, epochs=None, batch_size=None, base_lr=None, lr=None, weight_decay=None, warmup_epochs=None,
     layer_decay=0.65, label_smoothing=None, precision="auto", encode_batch_size=vaes.ENCODE_CHUNK, num_workers=None,
@@ -50,8 +50,8 @@ RECIPES = dict(
 CLASSIFIER_KIND = "lmd-classifier"   # so a classifier is never mistaken for a pretraining checkpoint
 GEOMETRY = ("vae", "model", "image_size", "patch_size")
 TRAINING_FLAGS = ("epochs", "base_lr", "lr", "weight_decay", "warmup_epochs", "label_smoothing")
-PROBE_FLAGS = ("features", "raw_pixels", "skip_floors")
-FLOORS = ("random_init", "own_init", "raw_pixels")
+PROBE_FLAGS = ("features", "raw_pixels", "skip_baselines")
+BASELINES = ("random_init", "own_init", "raw_pixels")
 
 
 def build_parser():
@@ -73,8 +73,9 @@ def build_parser():
     add("--raw-pixels", action=argparse.BooleanOptionalAction,
         help="knn and linprobe: also probe the flattened pixels of the same images, N x 3 x S x S floats in memory "
              "(default: on)")
-    add("--skip-floors", nargs="+", choices=FLOORS, help="knn and linprobe: baselines not to measure, because they are "
-        "known: each depends only on the network, its seed and the data (tools/family.py measures each once a seed)")
+    add("--skip-baselines", nargs="+", choices=BASELINES, help="knn and linprobe: baselines not to measure, because "
+        "they are known: each depends only on the network, its seed and the data (lab/family.py measures each once a "
+        "seed)")
     add("--dataset", choices=datasets.DATASETS, help="classification data (default: the checkpoint's)")
     add("--allow-other-dataset", action="store_true",
         help="allow a --dataset other than the pretraining one (transfer); the image size stays the checkpoint's")
@@ -105,7 +106,8 @@ def build_parser():
     add("--num-workers", type=int, help="image loading processes for pixel runs (default: the node's cores)")
     add("--device", choices=("auto", "cuda", "mps", "cpu"), default=DEFAULTS["device"], help="'auto': cuda first")
     add("--seed", type=int, default=DEFAULTS["seed"], help="seed for the head (and --init scratch), order, flips")
-    add("--out", help="output directory (default: RUN/<mode>-<init> beside the checkpoint)")
+    add("--out", help="output directory (default: RUN/knn or RUN/linprobe, -mean added with --features mean; "
+                      "RUN/finetune-<init>)")
     return parser
 
 
@@ -221,7 +223,7 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist, objec
 
     pretrained_objective = of(checkpoint["config"], objectives)
     for name, (init, objective, model_time) in probes.probe_plan(checkpoint["config"], pretrained_objective).items():
-        if name in config["skip_floors"]:
+        if name in config["skip_baselines"]:
             continue
         classifier = build_classifier(config, checkpoint, projection, len(train_data.classes), init, True,
                                       objectives, objective).to(dist.device)
@@ -229,7 +231,7 @@ def run_probes(config, checkpoint, projection, train_data, val_data, dist, objec
         measure(name, *(probes.split_features(classifier, data, dist, views, config["features"], model_time,
                                               config["seed"], pretrained_objective.probe_inputs)
                         for data, views in ((train_data, flips), (val_data, (0,)))))
-    if config["raw_pixels"] and "raw_pixels" not in config["skip_floors"]:
+    if config["raw_pixels"] and "raw_pixels" not in config["skip_baselines"]:
         measure("raw_pixels", probes.split_pixels(train_data, dist, flips), probes.split_pixels(val_data, dist, (0,)))
     return probes.result_fields(measured, checkpoint["config"], pretrained_objective), pretrained
 

@@ -200,16 +200,20 @@ def build_parser(objectives=OBJECTIVES):
 
 
 def parse_flags(argv=None, objectives=OBJECTIVES):
-    """-> (all flags: DEFAULTS, every objective's own flags, the dataset's recipe, the objective's own defaults, the
-    flags given; the set of flags given). Local data and VAE paths are made absolute, so that the run's config (and
+    """-> (all flags: DEFAULTS, every objective's own flags, the dataset's recipe, the objective's settings, the flags
+    given; the set of flags given). Local data and VAE paths are made absolute, so that the run's config (and
     finetune.py) finds them, and one latent cache, from anywhere."""
     given = vars(build_parser(objectives).parse_args(argv))
     objective = of({"objective": given.get("objective", DEFAULTS["objective"])}, objectives)
     declared = {key: owners[0][1].default for key, owners in own_flags(objectives).items()}
     recipe = dict(RECIPES.get(given.get("dataset"), {}))
+    if given.get("vae", recipe.get("vae")) != recipe.get("vae"):   # the recipe's patch fits its own space (digits:
+        recipe.pop("patch_size", None)                              # 8 px of pixels), not another VAE's latent grid
     if recipe and objective is not LMD:   # a relative's run of a recipe gets a directory of its own
         recipe["out"] = f"{recipe['out']}-{objective.name}"
-    flags = {**DEFAULTS, **declared, **recipe, **objective.run_defaults(), **given, "objective": objective.name}
+    own = {key: flag.default for key, flag in objective.flags.items()}
+    # the recipe beats the objective's own defaults (LMD's normalised targets), not its settings (ddpm's batch, lr)
+    flags = {**DEFAULTS, **declared, **own, **recipe, **objective.defaults, **given, "objective": objective.name}
     flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
     return flags, set(given)
 

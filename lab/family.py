@@ -1,7 +1,7 @@
 """
 LMD's whole family on one dataset, side by side: the same encoder, the same data, the same probes, the same judge.
 
-    python -m lab.family --vae runs/VAE --steps 1500 --seeds 3 --out runs/family --docs docs
+    python -m lab.family --vae runs/VAE --steps 1500 --seeds 3 --out runs/family --docs runs/family/docs
     python -m lab.family --vae runs/VAE --seconds 300 --seeds 3 --out runs/family-300s
     python -m lab.family --vae none --patch-size 8 --steps 1500 --out runs/family-pixels --docs docs/pixels
 
@@ -228,7 +228,7 @@ def probe(args, run, mode, floors):
     names = {f"{mode} {args.features} {key}": field for key, field in
              (("random_init", "random_init"), ("raw_pixels", "raw_pixels"), (own, "own_init"))}
     argv = ["--checkpoint", run, "--mode", mode, "--features", args.features, "--device", args.device, "--out", out]
-    argv += ["--skip-floors", *known] if (known := [field for name, field in names.items() if name in floors]) else []
+    argv += ["--skip-baselines", *known] if (known := [field for name, field in names.items() if name in floors]) else []
     if mode == "linprobe":
         argv += ["--epochs", str(args.linprobe_epochs), "--warmup-epochs", str(min(10, args.linprobe_epochs // 9))]
     finetune.main(argv)
@@ -438,16 +438,18 @@ def write_docs(args, argv, records, machine):
     plot(records, os.path.join(args.docs, "family.png"))
     generative = next((r for r in records if "fd_normalised" in r), None)
     roundtrip = [r["vae_roundtrip_fd_normalised"] for r in records if "vae_roundtrip_fd_normalised" in r]
-    judge_line = (f"Generation: {generative['num_images']} DDIM samples ({args.sampling_steps} steps, eta 0) per run, "
-                  f"judged by lab/judge.py (its classifier {generative['judge_val_accuracy']:.1%} accurate on the "
-                  f"validation split); fd_normalised = (FD - real-image floor) / (blur ceiling - real-image "
-                  f"floor), floor {generative['floor']:.2f}, ceiling {generative['ceiling']:.2f}"
+    judge_line = (f"Generation: {generative['num_images']} samples per run from DDIM, the diffusion sampler "
+                  f"({args.sampling_steps} steps, eta 0), judged by lab/judge.py (its classifier "
+                  f"{generative['judge_val_accuracy']:.1%} accurate on the validation split); fd_normalised = "
+                  f"(FD - real-image floor) / (blur ceiling - real-image floor), floor {generative['floor']:.2f}, "
+                  f"ceiling {generative['ceiling']:.2f}"
                   + (f"; the VAE's own round trip of real images, the best a latent generator can reach: "
                      f"{roundtrip[0]:.3f}" if roundtrip else "")
                   + ". Classes present: those given at least 1% of the samples." if generative else "")
     front = ", ".join(LABELS[row] for row in pareto_front(records)) or "none"
     text = [
         f"# The family on {args.dataset}, side by side\n",
+        "The relatives are described in [relatives.md](relatives.md).\n",
         f"Made by `{' '.join(['python -m lab.family', *argv])}` ({machine}).\n",
         f"Every row: the {args.model} model on {space}, {budget_words(args)} of {args.batch_size} images "
         "(two-stage rows: half and half), seeds as counted. Probes of the final model (lab.finetune): kNN (20-NN, "
@@ -458,10 +460,14 @@ def write_docs(args, argv, records, machine):
         "A diffusion encoder is read at the least noisy model time it trained on (column 'read at'; both times "
         "below the table). Mean ± std over seeds. Training seconds: the training loops only (train.py's clock), "
         "every stage summed.\n",
+        "fd_normalised, the generation column: the samples' FD (the Frechet distance between the samples' and the "
+        "real validation images' features in lab/judge.py's classifier, [generation.md](generation.md)) on a scale "
+        "where 0 is the real-image floor and 1 the blur ceiling; lower is better.\n",
         table(records),
         judge_line + "\n",
         "![kNN top-1 against fd_normalised](family.png)\n",
-        f"On the Pareto front of the generative rows (means): {front}.\n",
+        "On the Pareto front of the generative rows (no other row better on both kNN and fd_normalised, by the "
+        f"means): {front}.\n",
         *grids,
     ]
     path = os.path.join(args.docs, "family.md")

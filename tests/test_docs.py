@@ -1,6 +1,6 @@
 """The docs say what the code does: every command in README.md, docs/*.md and lab/docs/*.md parses with its own
 script's parser (torchrun's flags with torchrun's; `python -m lab.X` with the lab module's), and docs/flags.md is
-what tools/flag_reference.py writes today. Without the lab folder its commands are not parsed."""
+what tests/flag_reference.py writes today. Without the lab folder its commands are not parsed."""
 
 import contextlib
 import glob
@@ -214,4 +214,4 @@ def test_the_readme_runs_the_main_scripts():
 def test_the_flag_reference_is_current():
     with open(flag_reference.FLAGS_MD) as file:
         written = file.read()
-    assert written == flag_reference.render(), ("docs/flags.md is stale: run python tools/flag_reference.py")
+    assert written == flag_reference.render(), ("docs/flags.md is stale: run python tests/flag_reference.py")

@@ -152,3 +152,14 @@ def test_the_users_command_without_a_gpu_stops_before_any_download_and_names_the
     hours = float(line.split("take about ")[1].split(" hours")[0])
     # 50,000 CIFAR images and their mirrors at train.CPU_ENCODE_RATE images/s (128 px)
     assert hours == round(2 * 50_000 / train.CPU_ENCODE_RATE / 3600)
+
+
+def test_a_recipe_gives_way_to_the_flags_given():
+    """--dataset digits alone is the pixel recipe (patch 8); with a VAE, its 8 px patch is not the VAE's: dropped."""
+    flags, _ = train.parse_flags(["--dataset", "digits"])
+    assert (flags["vae"], flags["patch_size"], flags["steps"], flags["model"]) == ("none", 8, 600, "tiny")
+    flags, _ = train.parse_flags(["--dataset", "digits", "--vae", "tiny", "--steps", "5"])
+    assert (flags["vae"], flags["patch_size"], flags["steps"], flags["out"]) == ("tiny", None, 5, "runs/digits")
+    flags, _ = train.parse_flags(["--dataset", "fashion-mnist"])
+    assert (flags["vae"], flags["normalize_targets"], flags["batch_size"]) == (train.RECIPE_VAE, False, 64)
+    assert train.parse_flags(["--dataset", "cifar10"])[0]["model"] == train.DEFAULTS["model"]   # no recipe

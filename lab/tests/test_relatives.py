@@ -288,3 +288,13 @@ def test_the_cores_scripts_refuse_a_relatives_run_in_one_line_that_names_the_lab
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
         assert "'ddpm'" in err and "python -m lab.train or python -m lab.finetune" in err
+
+
+def test_a_relative_on_a_recipe_dataset_keeps_its_own_settings():
+    """The recipe of --dataset fashion-mnist fills in the data and the model; ddpm keeps its batch and lr, and its
+    run gets a directory of its own."""
+    import lab.train
+    import train
+    flags, _ = train.parse_flags(["--objective", "ddpm", "--dataset", "fashion-mnist"], lab.OBJECTIVES)
+    assert (flags["base_lr"], flags["weight_decay"], flags["model"]) == (8e-3, 0.0, "tiny")
+    assert flags["out"] == "runs/fashion-mnist-ddpm" and flags["vae"] == train.RECIPE_VAE
