@@ -371,8 +371,10 @@ def ratio_summary(results, name, key, clock):
         pixels = curve(results, "pixel_mae", seed)
         target = pixels[-1][key]
         own = time_to_reach(pixels, clock, key, target)
-        mine = time_to_reach(curve(results, name, seed), clock, key, target)
-        ratio = ("not reached" if mine is None else
+        points = curve(results, name, seed)
+        mine = time_to_reach(points, clock, key, target)
+        ratio = ("not reached" if mine is None else   # at its random init: no training time to divide, not 0.00
+                 "at init: its random init is already there" if points[0][key] >= target else
                  "n/a: pixel MAE's random init is already there" if own <= 0 else mine / own)
         per_seed.append(dict(seed=seed, target=target, pixel_mae=own,
                              method="not reached" if mine is None else mine, ratio=ratio))

@@ -223,3 +223,16 @@ def test_the_probes_read_a_fixed_subset_when_asked(race_run):
     assert len(subset) == len(set(subset.tolist())) == 1000 and subset.max() < 1437
     assert torch.equal(subset, race.probe_subset(1437, 1000))     # the same for every method and seed
     assert torch.equal(race.probe_subset(360, None), torch.arange(360))
+
+
+def test_a_method_whose_random_init_already_reaches_pixel_maes_final_is_at_init_not_0_00():
+    """A random init above pixel MAE's final accuracy reaches it at 0 s: said in words, never read as a speed-up."""
+    pixels = [(180.0, 0.55, 0.85), (360.0, 0.6, 0.88)]
+    curves = dict(pixel_mae={0: pixels}, lmd={0: [(180.0, 0.7, 0.9), (360.0, 0.75, 0.95)]},
+                  latent_mae={0: [(180.0, 0.5, 0.5), (360.0, 0.7, 0.95)]})
+    random = dict(pixels={0: (0.5, 0.8)}, latents={0: (0.63, 0.8)})   # the latents' random init: 0.63 > 0.6
+    ratios = race.time_ratios(made_up(curves, random, offset=60.0))
+    knn = ratios["lmd"]["knn_top1"]["train_seconds"]
+    assert [s["ratio"] for s in knn["per_seed"]] == ["at init: its random init is already there"]
+    assert knn["seeds_reached"] == 0 and race.ratio_cell(knn) == "at init: its random init is already there"
+    assert isinstance(ratios["lmd"]["linprobe_top1"]["train_seconds"]["per_seed"][0]["ratio"], float)
