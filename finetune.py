@@ -40,7 +40,7 @@ DEFAULTS = dict(
 BATCH_SIZE = 256   # with every label; with N labels per class: N rounded down to a power of 2, within [8, 256]
 # MAE's recipes. Linear probe: 90 epochs, no weight decay, base lr 0.5 where MAE has 0.1: MAE's 0.1 is for LARS at
 # batch 16,384; here plain SGD with momentum at 0.5 lands within 2 points of L-BFGS logistic regression on the same
-# features in 90 epochs (tests/test_finetune.py). kNN trains nothing.
+# features in 90 epochs (tests/test_probing.py). kNN trains nothing.
 # Fine-tuning: 100 epochs of AdamW, base lr 5e-4, weight decay 0.05, label smoothing 0.1 (layer decay: DEFAULTS).
 RECIPES = dict(
     knn=dict(epochs=0, base_lr=0.0, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0),
