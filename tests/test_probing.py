@@ -19,7 +19,7 @@ from util import latent_cache
 from util import probes as probe_util
 from util import vaes
 import train
-from test_finetune import PRETRAIN, PROBE
+from test_finetune import PRETRAIN, PROBE, probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,12 +30,6 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("probing")
     train.main(PRETRAIN + ["--steps", "2", "--out", str(root / "run"), "--data-dir", str(root / "data")])
     return root / "run"
-
-
-def probe(run, mode, *extra):
-    out = run.parent / mode
-    finetune.main(["--checkpoint", str(run), "--mode", mode, "--out", str(out), *PROBE, *extra])
-    return json.loads((out / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
