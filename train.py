@@ -211,9 +211,9 @@ def parse_flags(argv=None, objectives=OBJECTIVES):
         recipe.pop("patch_size", None)                              # 8 px of pixels), not another VAE's latent grid
     if recipe and objective is not LMD:   # a relative's run of a recipe gets a directory of its own
         recipe["out"] = f"{recipe['out']}-{objective.name}"
-    own = {key: flag.default for key, flag in objective.flags.items()}
     # the recipe beats the objective's own defaults (LMD's normalised targets), not its settings (ddpm's batch, lr)
-    flags = {**DEFAULTS, **declared, **own, **recipe, **objective.defaults, **given, "objective": objective.name}
+    flags = {**DEFAULTS, **declared, **objective.own_defaults(), **recipe, **objective.defaults, **given,
+             "objective": objective.name}
     flags.update(data_dir=os.path.abspath(flags["data_dir"]), vae=vaes.vae_name(flags["vae"]))
     return flags, set(given)
 

@@ -61,9 +61,13 @@ class Objective:
         """The ratio the held-out loss is measured at (runs of one objective compare at it)."""
         return self.held_out_ratio(config) if self.held_out_ratio else self.schedule(config)(1.0)
 
+    def own_defaults(self):
+        """{config key: value}: its own flags' defaults."""
+        return {key: own.default for key, own in self.flags.items()}
+
     def run_defaults(self):
         """{config key: value}: its shared-flag defaults and its own flags' defaults."""
-        return {**self.defaults, **{key: own.default for key, own in self.flags.items()}}
+        return {**self.defaults, **self.own_defaults()}
 
 
 def of(config, objectives):
