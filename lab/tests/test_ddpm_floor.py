@@ -1,7 +1,8 @@
 """A ddpm checkpoint's probes (python -m lab.finetune): its floor is the LMD network of the same size and seed, the
 very floor of an LMD run, above the chance-level class token of its own adaLN-Zero init (moved here from
 tests/test_finetune.py). Only the LMD run's settings and its floor matter here, not what it learned: the LMD run is
-2 steps of tests/test_finetune.py's digits pretraining, not 600."""
+2 steps of tests/test_finetune.py's digits pretraining, not 600, probed with 20 labelled digits per class (the
+floors read the same subset) against all 360 validation digits."""
 
 import json
 
@@ -20,7 +21,7 @@ from util import probes as probe_util
 PRETRAIN = ["--dataset", "digits", "--vae", "none", "--model", "tiny", "--patch-size", "8", "--scheduler", "cosine",
             "--steps", "2", "--batch-size", "32", "--base-lr", "1.5e-3", "--no-normalize-targets",
             "--eval-images", "64", "--grid-every", "0", "--num-workers", "0", "--device", "cpu"]
-PROBE = ["--num-workers", "0", "--device", "cpu", "--no-raw-pixels"]
+PROBE = ["--num-workers", "0", "--device", "cpu", "--no-raw-pixels", "--labels-per-class", "20"]
 
 
 @pytest.fixture(scope="module")
