@@ -46,46 +46,6 @@ def counting_projection(calls):
     return projection
 
 
-# A torchrun job that builds a cache of 16 chunks of 4 images; rank 1 is killed in its second chunk.
-KILLED_BUILD = """
-import os, signal, sys
-sys.path.insert(0, {root!r})
-import lmd
-from util import devices, latent_cache
-latent_cache.CHUNK, latent_cache.ENCODE_BATCH = 4, 2
-dist = devices.Distributed("cpu")
-projection, calls = lmd.LatentProjection(), []
-encode = projection.encode
-def encode_then_die(images):
-    calls.append(1)
-    if dist.rank == 1 and len(calls) == 7:    # two encodes (both flips) a batch: in its 4th batch, 2nd chunk
-        os.kill(os.getpid(), signal.SIGKILL)
-    return encode(images)
-projection.encode = encode_then_die
-latent_cache.dataset_latents(dict({config!r}, data_dir={data!r}), "train", projection, dist)
-"""
-
-
-def test_sharded_cache_build_killed_under_torchrun_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
-    data = str(tmp_path / "data")
-    result = torchrun(KILLED_BUILD.format(root=ROOT, config=PIXEL_CACHE, data=data), tmp_path)
-    assert result.returncode != 0                                        # the job died with rank 1
-    path = latent_cache.cache_file(data, "synthetic", "train", "none", 16, 64)
-    assert not os.path.exists(path)                                      # no index: the cache is not complete
-    done = (tmp_path / "data" / "lmd_latents" / "synthetic-train64-none-16px.parts" / "done.u8").read_bytes()
-    assert len(done) == 16 and done[1] == 1 and 1 <= sum(done) < 16     # rank 1 finished its first chunk (1)
-    # Restarted as one process, it encodes only the chunks that were not done, and the whole cache is right.
-    monkeypatch.setattr(latent_cache, "CHUNK", 4)
-    monkeypatch.setattr(latent_cache, "ENCODE_BATCH", 2)
-    calls = []
-    cache = latent_cache.dataset_latents(dict(PIXEL_CACHE, data_dir=data), "train", counting_projection(calls),
-                                         devices.Distributed("cpu"))
-    assert f"{sum(done)} of 16 chunks were done" in capsys.readouterr().err
-    assert sum(calls) == 2 * 4 * (16 - sum(done))                      # both flips of the missing chunks' images
-    assert torch.equal(cache["latents"], expected_pixel_latents())
-    assert cache["labels"].tolist() == [i % 10 for i in range(64)] and os.path.exists(path)
-
-
 def test_only_rank_0_looks_at_the_images_of_a_complete_cache(tmp_path, monkeypatch, capsys):
     config, dist = dict(PIXEL_CACHE, data_dir=str(tmp_path)), devices.Distributed("cpu")
     latent_cache.dataset_latents(config, "train", lmd.LatentProjection(), dist)
@@ -105,15 +65,19 @@ def test_only_rank_0_looks_at_the_images_of_a_complete_cache(tmp_path, monkeypat
     assert "made with other settings (count: 64 != 60" in capsys.readouterr().err and len(rebuilt["labels"]) == 60
 
 
-# Rank 0 first, its failure reaching rank 1, flags agreed on, then train.py with a NaN loss on rank 1 only.
-RANKS_AGREE = """
+# One torchrun job (a torchrun start costs three torch imports): rank 0 first, its failure reaching rank 1, flags
+# agreed on, train.py with a NaN loss on rank 1 only, a stop signal to rank 1 only; then a sharded cache build of 16
+# chunks of 4 images in which rank 1 is killed in its second chunk, which ends the job.
+JOB = """
 import os, signal, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
 import torch
+import lmd
 import train
 from support import tiny_flags
-from util import cli, devices, pretraining
+from util import cli, devices, latent_cache, pretraining
 dist = devices.Distributed("cpu")
+torch.distributed.destroy_process_group = lambda: None   # one process group for the whole job
 out = {out!r}
 def say(line):    # each rank its own file: lines of two processes on one pipe can interleave
     with open(os.path.join(out, f"rank{{dist.rank}}.txt"), "a") as file:
@@ -151,16 +115,33 @@ stopped_at, train_loop = [], train.train_loop
 train.train_loop = lambda *args: stopped_at.append(train_loop(*args)) or stopped_at[-1]
 train.main(tiny_flags({data!r}, os.path.join(out, "stop"), steps=9, log_every=4, save_every=100))
 say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
+say("building the cache")
+latent_cache.CHUNK, latent_cache.ENCODE_BATCH = 4, 2
+projection, calls = lmd.LatentProjection(), []
+encode = projection.encode
+def encode_then_die(images):
+    calls.append(1)
+    if dist.rank == 1 and len(calls) == 7:    # two encodes (both flips) a batch: in its 4th batch, 2nd chunk
+        os.kill(os.getpid(), signal.SIGKILL)
+    return encode(images)
+projection.encode = encode_then_die
+latent_cache.dataset_latents(dict({config!r}, data_dir=os.path.join(out, "killed")), "train", projection, dist)
 """
 
 
-def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_and_one_process_resumes(
-        tmp_path, data_dir):
-    result = torchrun(RANKS_AGREE.format(root=ROOT, out=str(tmp_path), data=data_dir), tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, data_dir):
+    """The torchrun job above -> (its completed process, its directory)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    return torchrun(JOB.format(root=ROOT, out=str(out), data=data_dir, config=PIXEL_CACHE), out), out
+
+
+def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_and_one_process_resumes(job):
+    result, tmp_path = job
+    said = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert said[0][5:] == said[1][5:] == ["building the cache"], result.stderr[-3000:]   # both got that far
     # rank 0 alone speaks: one announcement for each of the two runs
     assert result.stderr.count("LMD: tiny model") == 2 and "2 process(es)" in result.stderr
-    said = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
     for lines in said:
         assert lines[0] == "saw the download: True"                          # rank 1 ran after rank 0 finished
         assert lines[2] == "agreed: [True, False, True]"
@@ -172,6 +153,26 @@ def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_a
     assert checkpoints.load_checkpoint(str(tmp_path / "stop"))["step"] == 4
     train.main(["--resume", str(tmp_path / "run")])                          # two processes' run, resumed on one
     assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 6
+
+
+def test_sharded_cache_build_killed_under_torchrun_resumes_where_it_stopped(job, monkeypatch, capsys):
+    result, out = job
+    data = str(out / "killed")
+    assert result.returncode != 0                                        # the job died with rank 1
+    path = latent_cache.cache_file(data, "synthetic", "train", "none", 16, 64)
+    assert not os.path.exists(path)                                      # no index: the cache is not complete
+    done = (out / "killed" / "lmd_latents" / "synthetic-train64-none-16px.parts" / "done.u8").read_bytes()
+    assert len(done) == 16 and done[1] == 1 and 1 <= sum(done) < 16     # rank 1 finished its first chunk (1)
+    # Restarted as one process, it encodes only the chunks that were not done, and the whole cache is right.
+    monkeypatch.setattr(latent_cache, "CHUNK", 4)
+    monkeypatch.setattr(latent_cache, "ENCODE_BATCH", 2)
+    calls = []
+    cache = latent_cache.dataset_latents(dict(PIXEL_CACHE, data_dir=data), "train", counting_projection(calls),
+                                         devices.Distributed("cpu"))
+    assert f"{sum(done)} of 16 chunks were done" in capsys.readouterr().err
+    assert sum(calls) == 2 * 4 * (16 - sum(done))                      # both flips of the missing chunks' images
+    assert torch.equal(cache["latents"], expected_pixel_latents())
+    assert cache["labels"].tolist() == [i % 10 for i in range(64)] and os.path.exists(path)
 
 
 def test_resuming_a_checkpoint_of_eight_gpus_restores_the_saver_state_on_one(monkeypatch):
