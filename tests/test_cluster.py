@@ -2,6 +2,7 @@
 agree on a non-finite loss, resuming on fewer GPUs, signals from SLURM and torchrun, per-epoch data order, and the
 device, precision and worker choices (the GPU ones faked with monkeypatch)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 import torch
 
+import finetune
 import lmd
 from util import checkpoints
 from util import datasets
@@ -66,10 +68,10 @@ def test_only_rank_0_looks_at_the_images_of_a_complete_cache(tmp_path, monkeypat
 
 
 # One torchrun job (a torchrun start costs three torch imports): rank 0 first, its failure reaching rank 1, flags
-# agreed on, train.py with a NaN loss on rank 1 only, a stop signal to rank 1 only; then a sharded cache build of 16
-# chunks of 4 images in which rank 1 is killed in its second chunk, which ends the job.
+# agreed on, train.py with a NaN loss on rank 1 only, a stop signal to rank 1 only, finetune.py's linear probe; then a
+# sharded cache build of 16 chunks of 4 images in which rank 1 is killed in its second chunk, which ends the job.
 JOB = """
-import os, signal, sys, time
+import os, runpy, signal, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, os.path.join({root!r}, "tests"))
 import torch
 import lmd
@@ -115,6 +117,11 @@ stopped_at, train_loop = [], train.train_loop
 train.train_loop = lambda *args: stopped_at.append(train_loop(*args)) or stopped_at[-1]
 train.main(tiny_flags({data!r}, os.path.join(out, "stop"), steps=9, log_every=4, save_every=100))
 say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
+torch.distributed.barrier()   # rank 0 has saved that run, as it would have before a new job starts
+# finetune.py, as a script, probes that run: the ranks split the feature extraction and gather it
+sys.argv = ["finetune.py", "--checkpoint", os.path.join(out, "stop"), "--out", os.path.join(out, "linprobe"), "--mode",
+            "linprobe", "--epochs", "5", "--num-workers", "0", "--device", "cpu"]
+runpy.run_path(os.path.join({root!r}, "finetune.py"), run_name="__main__")
 say("building the cache")
 latent_cache.CHUNK, latent_cache.ENCODE_BATCH = 4, 2
 projection, calls = lmd.LatentProjection(), []
@@ -153,6 +160,21 @@ def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_a
     assert checkpoints.load_checkpoint(str(tmp_path / "stop"))["step"] == 4
     train.main(["--resume", str(tmp_path / "run")])                          # two processes' run, resumed on one
     assert checkpoints.load_checkpoint(str(tmp_path / "run"))["step"] == 6
+
+
+def test_finetune_under_torchrun_gets_the_single_process_linear_probe(job):
+    """finetune.py's linear probe in the job: its two processes split the feature extraction, gather it, and get the
+    probe of one process."""
+    result, tmp_path = job
+    assert (tmp_path / "linprobe" / "results.json").exists(), result.stderr[-3000:]
+    two = json.loads((tmp_path / "linprobe" / "results.json").read_text())
+    finetune.main(["--checkpoint", str(tmp_path / "stop"), "--out", str(tmp_path / "linprobe-one"), "--mode",
+                   "linprobe", "--epochs", "5", "--num-workers", "0", "--device", "cpu"])
+    one = json.loads((tmp_path / "linprobe-one" / "results.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1 and len(two["history"]) == 5
+    for history in ("history", "random_init_history", "raw_pixels_history"):
+        assert [epoch["top1"] for epoch in two[history]] == pytest.approx([epoch["top1"] for epoch in one[history]],
+                                                                          abs=0.01), history
 
 
 def test_sharded_cache_build_killed_under_torchrun_resumes_where_it_stopped(job, monkeypatch, capsys):

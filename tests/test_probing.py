@@ -1,12 +1,9 @@
-"""finetune.py on any checkpoint: the linear probe's results, its convergence to logistic regression and its
-two-process run under torchrun, fine-tuning end to end, the reading's output directory, few labels
+"""finetune.py on any checkpoint: the linear probe's results and its convergence to logistic regression (its
+two-process run under torchrun: test_cluster.py), fine-tuning end to end, the reading's output directory, few labels
 (--labels-per-class), and the one-line refusals. The checkpoint is digits pretrained for 2 steps: nothing here needs
 a trained encoder (test_finetune.py shows that pretraining helps), so this file runs beside that one."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -21,8 +18,6 @@ from util import vaes
 import train
 from test_finetune import PRETRAIN, PROBE, probe
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
@@ -34,7 +29,7 @@ def run(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def linprobe(run):
-    """A 5-epoch linear probe, shared by the results test and the torchrun test's single-process reference."""
+    """A 5-epoch linear probe."""
     return probe(run, "linprobe", "--epochs", "5")
 
 
@@ -69,7 +64,7 @@ def test_linear_probe_results_and_baseline(run, linprobe):
 
 
 def test_finetune_end_to_end(run):
-    """In-process (the torchrun test below runs finetune.py as a script)."""
+    """In-process (test_cluster.py's torchrun job runs finetune.py as a script)."""
     out = run.parent / "finetune-pretrained"
     finetune.main(["--checkpoint", str(run / "checkpoint.pt"), "--mode", "finetune", "--epochs", "1", "--batch-size",
                    "64", "--num-workers", "0", "--device", "cpu", "--out", str(out)])
@@ -127,23 +122,6 @@ def test_linprobe_refuses_weight_decay_and_label_smoothing(run, capsys):
     err = refused(capsys, base + ["--weight-decay", "0.05", "--label-smoothing", "0.1"])
     assert "no weight decay or label smoothing" in err and "drop --weight-decay and --label-smoothing" in err
     assert "drop --label-smoothing" in refused(capsys, base + ["--weight-decay", "0", "--label-smoothing", "0.1"])
-
-
-def test_torchrun_two_cpu_processes_linear_probe(run, linprobe):
-    """finetune.py under torchrun (gloo): the processes split the feature extraction, gather it, and get exactly
-    the single-process probe."""
-    out = run.parent / "linprobe-ddp"
-    completed = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         os.path.join(ROOT, "finetune.py"), "--checkpoint", str(run), "--out", str(out), "--mode", "linprobe",
-         "--epochs", "5", *PROBE], cwd=ROOT, capture_output=True, text=True, timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    single = linprobe
-    top1 = lambda history: [epoch["top1"] for epoch in history]  # noqa: E731
-    assert results["world_size"] == 2 and top1(results["history"]) == pytest.approx(top1(single["history"]), abs=0.01)
-    assert top1(results["raw_pixels_history"]) == pytest.approx(top1(single["raw_pixels_history"]), abs=0.01)
 
 
 def test_labels_per_class_is_a_fixed_class_balanced_subset_read_by_every_baseline(run):
