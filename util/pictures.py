@@ -174,7 +174,8 @@ def plot_curves(metrics_path, path, objective):
             config = json.load(file)
     what = objective.loss_name
     held_out_label = f"held-out (validation, at ratio {objective.mask_ratio_held_out(config)})"
-    figure = Figure(figsize=(10, 3.6), layout="constrained")
+    figure = Figure(figsize=(10, 3.6))
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.14, top=0.91, wspace=0.22)
     loss_axes, ratio_axes = figure.subplots(1, 2)
     # The training loss is at the current ratio, harder as a progressive schedule rises: compare by the held-out loss.
     loss_axes.plot(steps, [record["loss"] for record in records], label="training (at the current mask ratio)")
