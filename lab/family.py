@@ -67,7 +67,7 @@ DEFAULT_ROWS = ("mae", "lmd", "maskdm", "umd", "ddpm", "lmd_ddpm")
 DEFAULTS = dict(dataset="digits", data_dir="./data", vae=None, image_size=None, synthetic_size=None, patch_size=None,
                 model="tiny", batch_size=64, steps=1500, seconds=None, seeds=3, first_seed=0,
                 rows=",".join(DEFAULT_ROWS), features="cls", linprobe_epochs=90, num_images=500, sampling_steps=50,
-                device="cpu", out="runs/family", docs=None)
+                num_workers=0, device="cpu", out="runs/family", docs=None)
 
 
 def add_run_flags(parser):
@@ -80,6 +80,8 @@ def add_run_flags(parser):
     parser.add_argument("--patch-size", type=int, help="as train.py's (default: train.py's for the image size)")
     parser.add_argument("--model", help="model size of every row (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, help="batch size of every stage (default: %(default)s)")
+    parser.add_argument("--num-workers", type=int, help="loader processes of every run and probe: the runs read "
+                                                        "the latent cache, which needs none (default: %(default)s)")
     parser.add_argument("--device", choices=("auto", "cuda", "mps", "cpu"), help="(default: %(default)s)")
     parser.add_argument("--out", help="runs directory (default: %(default)s)")
 
@@ -116,7 +118,7 @@ def train_argv(args, objective, extra, steps, seed, out, init=None):
                  image_size=args.image_size, synthetic_size=args.synthetic_size, patch_size=args.patch_size,
                  model=args.model, batch_size=args.batch_size, steps=steps, seed=seed, out=out, init=init,
                  grid_every=0, log_every=max(1, steps // 20), save_every=steps, eval_images=64,
-                 num_workers=0, device=args.device, **extra)
+                 num_workers=args.num_workers, device=args.device, **extra)
     argv = []
     for key, value in flags.items():
         if value is None:
@@ -227,7 +229,8 @@ def probe(args, run, mode, floors):
     own = f"own_init {config['objective']} time {probes.lowest_trained_time(config, lab.get(config['objective']))}"
     names = {f"{mode} {args.features} {key}": field for key, field in
              (("random_init", "random_init"), ("raw_pixels", "raw_pixels"), (own, "own_init"))}
-    argv = ["--checkpoint", run, "--mode", mode, "--features", args.features, "--device", args.device, "--out", out]
+    argv = ["--checkpoint", run, "--mode", mode, "--features", args.features, "--num-workers", str(args.num_workers),
+            "--device", args.device, "--out", out]
     argv += ["--skip-baselines", *known] if (known := [field for name, field in names.items() if name in floors]) else []
     if mode == "linprobe":
         argv += ["--epochs", str(args.linprobe_epochs), "--warmup-epochs", str(min(10, args.linprobe_epochs // 9))]
