@@ -52,7 +52,8 @@ def test_a_forked_objective_trains_through_train_py(forked_run):
 
 
 def test_a_forked_objective_is_probed_by_finetune_py(forked_run):
-    lab.finetune.main(["--checkpoint", str(forked_run), "--mode", "knn", "--no-raw-pixels", "--device", "cpu"])
+    lab.finetune.main(["--checkpoint", str(forked_run), "--mode", "knn", "--no-raw-pixels", "--num-workers", "0",
+                       "--device", "cpu"])
     results = json.loads((forked_run / "knn" / "results.json").read_text())
     assert 0 <= results["top1"]["final"] <= 1 and "random_init_top1" in results
 
@@ -118,7 +119,8 @@ def test_an_lmd_run_from_before_the_records_resumes_and_probes(tmp_path):
     strip_config(tmp_path / "run", OBJECTIVE_KEYS)
     train.main(["--resume", str(tmp_path / "run")])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
-    finetune.main(["--checkpoint", str(tmp_path / "run"), "--mode", "knn", "--no-raw-pixels", "--device", "cpu"])
+    finetune.main(["--checkpoint", str(tmp_path / "run"), "--mode", "knn", "--no-raw-pixels", "--num-workers", "0",
+                   "--device", "cpu"])
     assert json.loads((tmp_path / "run" / "knn" / "results.json").read_text())["top1"]["final"] >= 0
 
 

@@ -205,7 +205,7 @@ def test_generation_fine_tuning_starts_from_every_weight_of_the_umd_run(runs):
 @pytest.mark.parametrize("run", ["umd", "ddpm"])
 def test_finetune_knn_works_on_a_umd_and_a_ddpm_checkpoint(runs, run):
     if run == "umd":   # a ddpm checkpoint's kNN: test_ddpm_floor.py
-        lab.finetune.main(["--checkpoint", str(runs / run), "--mode", "knn", "--device", "cpu"])
+        lab.finetune.main(["--checkpoint", str(runs / run), "--mode", "knn", "--num-workers", "0", "--device", "cpu"])
         results = json.loads((runs / run / "knn" / "results.json").read_text())
         assert 0 <= results["top1"]["final"] <= 1 and 0 <= results["scratch_top1"]["final"] <= 1
     checkpoint = checkpoints.load_checkpoint(str(runs / run))
