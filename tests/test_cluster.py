@@ -25,6 +25,7 @@ from support import ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 PIXEL_CACHE = dict(dataset="synthetic", image_size=16, vae="none", synthetic_size=64, num_workers=0)
+LINPROBE = ["--mode", "linprobe", "--epochs", "5", "--num-workers", "0", "--device", "cpu"]   # in the job and beside it
 
 
 def torchrun(script, tmp_path, timeout=120):
@@ -119,8 +120,8 @@ train.main(tiny_flags({data!r}, os.path.join(out, "stop"), steps=9, log_every=4,
 say(f"stop: step {{stopped_at}}, {{agreements.count(2)}} all-reduce")
 torch.distributed.barrier()   # rank 0 has saved that run, as it would have before a new job starts
 # finetune.py, as a script, probes that run: the ranks split the feature extraction and gather it
-sys.argv = ["finetune.py", "--checkpoint", os.path.join(out, "stop"), "--out", os.path.join(out, "linprobe"), "--mode",
-            "linprobe", "--epochs", "5", "--num-workers", "0", "--device", "cpu"]
+sys.argv = ["finetune.py", "--checkpoint", os.path.join(out, "stop"), "--out", os.path.join(out, "linprobe"),
+            *{linprobe!r}]
 runpy.run_path(os.path.join({root!r}, "finetune.py"), run_name="__main__")
 say("building the cache")
 latent_cache.CHUNK, latent_cache.ENCODE_BATCH = 4, 2
@@ -140,7 +141,7 @@ latent_cache.dataset_latents(dict({config!r}, data_dir=os.path.join(out, "killed
 def job(tmp_path_factory, data_dir):
     """The torchrun job above -> (its completed process, its directory)."""
     out = tmp_path_factory.mktemp("torchrun")
-    return torchrun(JOB.format(root=ROOT, out=str(out), data=data_dir, config=PIXEL_CACHE), out), out
+    return torchrun(JOB.format(root=ROOT, out=str(out), data=data_dir, config=PIXEL_CACHE, linprobe=LINPROBE), out), out
 
 
 def test_torchrun_ranks_download_in_turn_agree_on_a_non_finite_loss_and_a_stop_and_one_process_resumes(job):
@@ -168,8 +169,7 @@ def test_finetune_under_torchrun_gets_the_single_process_linear_probe(job):
     result, tmp_path = job
     assert (tmp_path / "linprobe" / "results.json").exists(), result.stderr[-3000:]
     two = json.loads((tmp_path / "linprobe" / "results.json").read_text())
-    finetune.main(["--checkpoint", str(tmp_path / "stop"), "--out", str(tmp_path / "linprobe-one"), "--mode",
-                   "linprobe", "--epochs", "5", "--num-workers", "0", "--device", "cpu"])
+    finetune.main(["--checkpoint", str(tmp_path / "stop"), "--out", str(tmp_path / "linprobe-one"), *LINPROBE])
     one = json.loads((tmp_path / "linprobe-one" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1 and len(two["history"]) == 5
     for history in ("history", "random_init_history", "raw_pixels_history"):

@@ -27,12 +27,6 @@ def run(tmp_path_factory):
     return root / "run"
 
 
-@pytest.fixture(scope="module")
-def linprobe(run):
-    """A 5-epoch linear probe."""
-    return probe(run, "linprobe", "--epochs", "5")
-
-
 def test_linear_probe_converges_to_the_logistic_regression_reference(run):
     """The cached-feature linear probe (MAE's recipe, 90 epochs) lands within 2 points of L-BFGS logistic
     regression on the same frozen features."""
@@ -53,8 +47,8 @@ def test_linear_probe_converges_to_the_logistic_regression_reference(run):
     assert abs(history[-1]["top1"] - reference_top1) <= 0.02, (history[-1]["top1"], reference_top1)
 
 
-def test_linear_probe_results_and_baseline(run, linprobe):
-    results = linprobe
+def test_linear_probe_results_and_baseline(run):
+    results = probe(run, "linprobe", "--epochs", "5")
     assert results["epochs"] == 5 and len(results["history"]) == len(results["random_init_history"]) == 5
     for key in ("top1", "random_init_top1", "raw_pixels_top1"):
         assert set(results[key]) == {"best", "final", "best_epoch"}
